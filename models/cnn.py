@@ -1,0 +1,21 @@
+import mlx.core as mx
+import mlx.nn as nn
+
+
+class CNN(nn.Module):
+    """Two 3x3 conv + max-pool blocks (32, 64 channels), then 128 hidden units; takes uint8 NHWC images."""
+
+    def __init__(self, channels=(32, 64), hidden=128, dropout=0.25, num_classes=10):
+        super().__init__()
+        self.convs = [nn.Conv2d(1, channels[0], 3, padding=1), nn.Conv2d(channels[0], channels[1], 3, padding=1)]
+        self.pool = nn.MaxPool2d(2, 2)
+        self.fc = nn.Linear(7 * 7 * channels[1], hidden)
+        self.head = nn.Linear(hidden, num_classes)
+        self.dropout = nn.Dropout(dropout)
+
+    def __call__(self, images):
+        x = images.astype(mx.float32) / 255.0
+        for conv in self.convs:
+            x = self.pool(nn.relu(conv(x)))
+        x = self.dropout(nn.relu(self.fc(x.reshape(x.shape[0], -1))))
+        return self.head(x)

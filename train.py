@@ -1,0 +1,352 @@
+"""Train an MNIST classifier or a small transformer language model with Adagrad in MLX.
+
+    python train.py --optimizer adagrad                      # MLP on MNIST
+    python train.py --model cnn                              # small CNN on MNIST
+    python train.py --dataset fashion-mnist
+    python train.py --task lm --dataset tinyshakespeare      # transformer LM (also ptb, wikitext-2, PATH)
+    python train.py --checkpoint-dir ckpt --steps 500 && python train.py --checkpoint-dir ckpt --resume
+
+The training step is compiled once over the full state (model, optimizer, RNG).
+Data come from --data-dir (default $MLX_ADAGRAD_DATA, else ~/.cache/mlx-adagrad).
+"""
+
+import argparse
+import json
+import math
+import platform
+import sys
+import time
+from functools import partial
+from pathlib import Path
+from types import SimpleNamespace
+
+from blas import load_optimized_blas
+
+BLAS = load_optimized_blas()  # must run before mlx.core is imported
+
+import mlx.core as mx  # noqa: E402
+import mlx.nn as nn  # noqa: E402
+import mlx.optimizers as optim  # noqa: E402
+import numpy as np  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+import checkpoint  # noqa: E402
+from adagrad import Adagrad  # noqa: E402
+from data import DataError, default_data_dir, mnist, text  # noqa: E402
+from models.cnn import CNN  # noqa: E402
+from models.mlp import MLP  # noqa: E402
+from models.transformer import Transformer  # noqa: E402
+
+OPTIMIZERS = ["adagrad", "mlx-adagrad", "sgd", "adam", "adamw"]
+# Chosen by sweeps on the default model of each task (README, "Choosing the defaults").
+DEFAULT_LR = {
+    "mnist": {"adagrad": 0.01, "mlx-adagrad": 0.01, "sgd": 0.05, "adam": 1e-3, "adamw": 1e-3},
+    "lm": {"adagrad": 0.02, "mlx-adagrad": 0.02, "sgd": 0.3, "adam": 1e-3, "adamw": 1e-3},
+}
+DEFAULTS = {  # per task: dataset, model, batch size, epochs, schedule
+    "mnist": dict(dataset="mnist", model="mlp", batch_size=128, epochs=12, schedule="cosine"),
+    "lm": dict(dataset="tinyshakespeare", model="transformer", batch_size=32, epochs=20, schedule="cosine"),
+}
+
+
+def build_parser():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--task", choices=["mnist", "lm"], default="mnist", help="what to train (default: mnist)")
+    p.add_argument("--dataset", help="mnist: mnist (default) | fashion-mnist; lm: tinyshakespeare (default) | ptb | "
+                                     "wikitext-2 | PATH to a .txt file or a folder of them")
+    p.add_argument("--model", choices=["mlp", "cnn", "transformer"], help="mnist: mlp 784-512-512-10 (default) | cnn; "
+                                                                          "lm: transformer")
+    p.add_argument("--optimizer", choices=OPTIMIZERS, default="adagrad",
+                   help="adagrad = ours (adagrad.py); mlx-adagrad = mlx.optimizers.Adagrad (default: adagrad)")
+    p.add_argument("--lr", type=float, help="learning rate; defaults: " + "; ".join(
+        f"{task}: " + ", ".join(f"{k} {v:g}" for k, v in lrs.items()) for task, lrs in DEFAULT_LR.items()))
+    p.add_argument("--eps", type=float, help="epsilon of adagrad/adam/adamw (default: the optimizer's, 1e-8)")
+    p.add_argument("--initial-accumulator-value", type=float, default=0.0, help="adagrad: v starts here (default 0)")
+    p.add_argument("--lr-decay", type=float, default=0.0, help="adagrad: lr / (1 + (t-1) * lr_decay) (default 0)")
+    p.add_argument("--weight-decay", type=float, default=0.0, help="adagrad/sgd: L2 added to g; adamw: decoupled (default 0)")
+    p.add_argument("--schedule", choices=["constant", "cosine"], help="learning-rate schedule (default: cosine)")
+    p.add_argument("--warmup", type=int, default=0, help="linear warmup steps (default 0)")
+    p.add_argument("--batch-size", type=int, help="default: mnist 128, lm 32")
+    p.add_argument("--epochs", type=int, help="default: mnist 12, lm 20 (an lm epoch is about one pass over the text)")
+    p.add_argument("--steps", type=int, help="stop after this many steps in all (the schedule still spans --epochs)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dropout", type=float, help="dropout probability (default: mlp 0.2, cnn 0.25, transformer 0.1)")
+    p.add_argument("--no-compile", action="store_true", help="run the step eagerly (bit-identical, slower)")
+    p.add_argument("--data-dir", type=Path, default=None, help="default: $MLX_ADAGRAD_DATA, else ~/.cache/mlx-adagrad")
+    p.add_argument("--log-file", type=Path, help="write JSONL: a config line, then step and evaluation lines")
+    p.add_argument("--log-every", type=int, default=10, help="log the mean training loss every N steps (default 10)")
+    p.add_argument("--checkpoint-dir", type=Path, help="save checkpoints here (every --checkpoint-every steps and at the end)")
+    p.add_argument("--checkpoint-every", type=int, default=1000)
+    p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --checkpoint-dir")
+    mnist_options = p.add_argument_group("mnist")
+    mnist_options.add_argument("--augment-shift", type=int, default=2, help="shift training images by up to N pixels (0: off)")
+    lm = p.add_argument_group("lm")
+    lm.add_argument("--layers", type=int, default=4)
+    lm.add_argument("--dim", type=int, default=256)
+    lm.add_argument("--heads", type=int, default=4)
+    lm.add_argument("--context", type=int, default=128, help="tokens per training window")
+    lm.add_argument("--positions", choices=["rope", "learned"], default="rope")
+    lm.add_argument("--vocab-size", type=int, default=1024, help="SentencePiece vocabulary (default 1024)")
+    lm.add_argument("--tokenizer", choices=["bpe", "unigram"], default="bpe")
+    lm.add_argument("--cache-dir", type=Path, default=Path.home() / ".cache" / "mlx-adagrad-tokenizers",
+                    help="where trained tokenizers are kept")
+    lm.add_argument("--sample", type=int, default=0, help="print N tokens sampled from the model at the end")
+    lm.add_argument("--temperature", type=float, default=0.8)
+    return p
+
+
+def fail(message):
+    print(f"train.py: error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def check_args(args):
+    for key, value in DEFAULTS[args.task].items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    args.lr = DEFAULT_LR[args.task][args.optimizer] if args.lr is None else args.lr
+    args.data_dir = args.data_dir or default_data_dir()
+    if args.task == "mnist" and args.dataset not in mnist.SHA256:
+        fail(f"--dataset {args.dataset} is not an image dataset: choose {', '.join(mnist.SHA256)} (or --task lm)")
+    if (args.task == "lm") != (args.model == "transformer"):
+        fail(f"--model {args.model} does not fit --task {args.task}: mnist takes mlp or cnn, lm takes transformer")
+    positive = ["lr", "batch_size", "epochs", "log_every", "checkpoint_every", "layers", "dim", "heads", "context",
+                "temperature"]
+    positive += [name for name in ("steps", "eps") if getattr(args, name) is not None]
+    for name in positive:
+        if not getattr(args, name) > 0:
+            fail(f"--{name.replace('_', '-')} must be > 0, got {getattr(args, name)}")
+    for name in ["initial_accumulator_value", "lr_decay", "weight_decay", "warmup", "augment_shift", "sample"]:
+        if not getattr(args, name) >= 0:
+            fail(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
+    for name in ["initial_accumulator_value", "lr_decay"]:
+        if getattr(args, name) and args.optimizer != "adagrad":
+            fail(f"--{name.replace('_', '-')} is an option of --optimizer adagrad, not {args.optimizer}")
+    if args.weight_decay and args.optimizer in ("mlx-adagrad", "adam"):
+        fail(f"{args.optimizer} has no weight decay: use --optimizer adagrad or adamw")
+    if args.dropout is not None and not 0 <= args.dropout < 1:
+        fail(f"--dropout must be in [0, 1), got {args.dropout}")
+    if args.dim % args.heads:
+        fail(f"--dim {args.dim} must be a multiple of --heads {args.heads}")
+    if args.resume and not args.checkpoint_dir:
+        fail("--resume needs --checkpoint-dir, the folder of the run to continue")
+
+
+def learning_rate(args, total_steps):
+    if args.schedule == "constant" and not args.warmup:
+        return args.lr
+    main = (optim.cosine_decay(args.lr, max(total_steps - args.warmup, 1)) if args.schedule == "cosine"
+            else lambda step: mx.array(args.lr, mx.float32))
+    if not args.warmup:
+        return main
+    return optim.join_schedules([optim.linear_schedule(0.0, args.lr, args.warmup), main], [args.warmup])
+
+
+def make_optimizer(args, lr):
+    eps = {} if args.eps is None else {"eps": args.eps}
+    if args.optimizer == "adagrad":
+        return Adagrad(lr, initial_accumulator_value=args.initial_accumulator_value, lr_decay=args.lr_decay,
+                       weight_decay=args.weight_decay, **eps)
+    if args.optimizer == "mlx-adagrad":
+        return optim.Adagrad(lr, **eps)
+    if args.optimizer == "sgd":
+        return optim.SGD(lr, momentum=0.9, weight_decay=args.weight_decay)
+    if args.optimizer == "adam":
+        return optim.Adam(lr, **eps)
+    return optim.AdamW(lr, weight_decay=args.weight_decay, **eps)
+
+
+def cross_entropy(model, inputs, targets):
+    return nn.losses.cross_entropy(model(inputs), targets, reduction="mean")
+
+
+# ---------------------------------------------------------------------------------------
+# Tasks: each gives a model, training batches, a train-time augmentation and an evaluation.
+
+
+def setup_mnist(args):
+    data = mnist.load(args.dataset, args.data_dir)
+    dropout = {} if args.dropout is None else {"dropout": args.dropout}
+    model = MLP(**dropout) if args.model == "mlp" else CNN(**dropout)
+
+    def evaluate(model, final=False):
+        total_loss, correct, n = 0.0, 0, len(data["test_labels"])
+        for i in range(0, n, 1000):
+            x, y = mx.array(data["test_images"][i:i + 1000]), mx.array(data["test_labels"][i:i + 1000])
+            logits = model(x)
+            loss, hits = nn.losses.cross_entropy(logits, y, reduction="sum"), (logits.argmax(axis=1) == y).sum()
+            total_loss, correct = total_loss + loss.item(), correct + hits.item()
+        metrics = {"test_loss": total_loss / n, "test_acc": correct / n}
+        return metrics, f"test loss {metrics['test_loss']:.4f}, test accuracy {100 * metrics['test_acc']:.2f}%"
+
+    return SimpleNamespace(
+        model=model, evaluate=evaluate, unit="samples", per_batch=lambda batch: len(batch[1]),
+        batches=mnist.Batches(data["train_images"], data["train_labels"], args.batch_size, args.seed),
+        augment=partial(mnist.random_shift, max_shift=args.augment_shift))
+
+
+def setup_lm(args):
+    splits = text.load_splits(args.dataset, args.data_dir)
+    sp = text.tokenizer(splits["train"], args.vocab_size, args.tokenizer, args.cache_dir)
+    tokens = {split: text.encode(sp, t) for split, t in splits.items()}
+    if len(tokens["valid"]) < args.context + 1:
+        raise DataError(f"--context {args.context} is longer than the validation split ({len(tokens['valid']) - 1} "
+                        f"tokens): use a smaller --context")
+    model = Transformer(sp.vocab_size(), args.context, args.layers, args.dim, args.heads,
+                        0.1 if args.dropout is None else args.dropout, args.positions)
+
+    def evaluate(model, final=False):
+        metrics = {}
+        for split in ["valid"] + (["test"] if final and "test" in splits else []):
+            nll = 0.0
+            for x, y in text.eval_windows(tokens[split], args.context):
+                nll += nn.losses.cross_entropy(model(mx.array(x)), mx.array(y), reduction="sum").item()
+            prefix = "val" if split == "valid" else "test"
+            metrics[f"{prefix}_loss"] = nll / (len(tokens[split]) - 1)
+            metrics[f"{prefix}_nats_per_char"] = nll / len(splits[split])
+            if args.dataset == "ptb":
+                metrics[f"{prefix}_word_ppl"] = math.exp(nll / text.word_count(splits[split]))
+        summary = ", ".join(f"{k} {v:.4g}" for k, v in metrics.items())
+        return metrics, summary
+
+    def sample(model, count, temperature):
+        model.eval()
+        ids, key = [sp.bos_id()], mx.random.key(args.seed)
+        for _ in range(count):
+            logits = model(mx.array([ids[-args.context:]]))[0, -1]
+            key, subkey = mx.random.split(key)
+            ids.append(mx.random.categorical(logits / temperature, key=subkey).item())
+        return sp.decode(ids[1:])
+
+    return SimpleNamespace(
+        model=model, evaluate=evaluate, unit="tokens", per_batch=lambda batch: batch[1].size, sample=sample,
+        batches=text.Windows(tokens["train"], args.batch_size, args.context, args.seed), augment=lambda x: x)
+
+
+# ---------------------------------------------------------------------------------------
+# Logging and the training loop
+
+
+class JsonlLog:
+    """One JSON object per line; a no-op without a path."""
+
+    def __init__(self, path, header=None):
+        self.file = None
+        if path:
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            self.file = open(path, "a" if header is None else "w")
+            if header is not None:
+                self.write(header)
+
+    def write(self, record):
+        if self.file:
+            self.file.write(json.dumps(record) + "\n")
+            self.file.flush()
+
+
+def run_header(args):
+    return {
+        "command": " ".join(["python", "train.py", *sys.argv[1:]]),
+        "config": {**{k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}, "world_size": 1},
+        "mlx": mx.__version__, "numpy": np.__version__, "python": platform.python_version(),
+        "platform": platform.platform(), "machine": platform.machine(), "blas": BLAS,
+    }
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    check_args(args)
+    print(f"BLAS: {BLAS}")
+    mx.set_cache_limit(1 << 30)  # keep freed buffers for reuse instead of returning them to the OS each step
+
+    mx.random.seed(args.seed)
+    try:
+        task = setup_mnist(args) if args.task == "mnist" else setup_lm(args)
+    except DataError as e:
+        fail(str(e))
+    model, batches = task.model, task.batches
+    try:
+        optimizer = make_optimizer(args, learning_rate(args, args.epochs * batches.per_epoch))
+    except ValueError as e:
+        fail(str(e))
+    optimizer.init(model.trainable_parameters())
+    header = run_header(args)
+    config = header["config"]
+
+    step, epoch, start_batch = 0, 0, 0
+    if args.resume:
+        try:
+            saved = checkpoint.load(args.checkpoint_dir, model, optimizer, config)
+        except checkpoint.CheckpointError as e:
+            fail(str(e))
+        step, epoch, start_batch = saved["step"], saved["epoch"], saved["batch"]
+        print(f"resumed from {args.checkpoint_dir} at step {step} (epoch {epoch + 1}, batch {start_batch})")
+
+    # The compiled step captures these objects: build it only after init and any resume.
+    state = [model.state, optimizer.state, mx.random.state]
+
+    def train_step(inputs, targets):
+        loss, grads = nn.value_and_grad(model, cross_entropy)(model, task.augment(inputs), targets)
+        optimizer.update(model, grads)
+        return loss
+
+    if not args.no_compile:
+        train_step = partial(mx.compile, inputs=state, outputs=state)(train_step)
+
+    log = JsonlLog(args.log_file, None if args.resume else header)
+
+    def save_checkpoint(epoch, batch):
+        if batch == batches.per_epoch:  # store the end of an epoch as the start of the next
+            epoch, batch = epoch + 1, 0
+        checkpoint.save(args.checkpoint_dir, model, optimizer, {"step": step, "epoch": epoch, "batch": batch, "config": config})
+
+    def evaluate(final=False):
+        model.eval()
+        metrics, summary = task.evaluate(model, final)
+        model.train()
+        return metrics, summary
+
+    model.train()
+    last_saved, loss = step, float("nan")
+    while epoch < args.epochs and (args.steps is None or step < args.steps):
+        bar = tqdm(batches.epoch(epoch, start_batch), total=batches.per_epoch, initial=start_batch,
+                   desc=f"epoch {epoch + 1}/{args.epochs}", leave=False, mininterval=0.5)
+        window, seen, tic = [], 0, time.perf_counter()
+        for batch in bar:
+            loss = train_step(mx.array(batch[0]), mx.array(batch[1]))
+            mx.eval(state, loss)
+            loss = loss.item()
+            step, start_batch, seen = step + 1, start_batch + 1, seen + task.per_batch(batch)
+            if not math.isfinite(loss):
+                saved = args.checkpoint_dir and (args.checkpoint_dir / "checkpoint.safetensors").exists()
+                where = f"; the last good checkpoint (step {last_saved}) is in {args.checkpoint_dir}" if saved else ""
+                fail(f"loss is {loss} at step {step}: training diverged, try a lower --lr{where}")
+            window.append(loss)
+            if step % args.log_every == 0:
+                rate = seen / (time.perf_counter() - tic)
+                log.write({"step": step, "epoch": epoch + 1, "loss": sum(window) / len(window),
+                           "lr": optimizer.learning_rate.item(), f"{task.unit}_per_s": rate})
+                bar.set_postfix(loss=f"{window[-1]:.3f}", **{f"{task.unit}_per_s": f"{rate:.0f}"}, refresh=False)
+                window = []
+            if args.checkpoint_dir and step % args.checkpoint_every == 0:
+                save_checkpoint(epoch, start_batch)
+                last_saved = step
+            if step == args.steps:
+                break
+        bar.close()
+        seconds, trained_epoch = time.perf_counter() - tic, epoch + 1
+        if start_batch == batches.per_epoch:
+            epoch, start_batch = epoch + 1, 0
+        done = epoch == args.epochs or step == args.steps
+        metrics, summary = evaluate(final=done)
+        log.write({"step": step, "epoch": trained_epoch, **metrics})
+        print(f"epoch {trained_epoch}: step {step}, train loss {loss:.4f}, {summary}, "
+              f"{seen / seconds:.0f} {task.unit}/s")
+    if args.checkpoint_dir and last_saved != step:
+        save_checkpoint(epoch, start_batch)
+    if args.task == "lm" and args.sample:
+        print(task.sample(model, args.sample, args.temperature))
+
+
+if __name__ == "__main__":
+    main()
