@@ -15,14 +15,15 @@ import json
 import math
 import platform
 import sys
+import tempfile
 import time
 from functools import partial
 from pathlib import Path
 from types import SimpleNamespace
 
-from blas import load_optimized_blas
+import blas
 
-BLAS = load_optimized_blas()  # must run before mlx.core is imported
+BLAS = blas.load_optimized_blas()  # must run before mlx.core is imported
 
 import mlx.core as mx  # noqa: E402
 import mlx.nn as nn  # noqa: E402
@@ -44,9 +45,11 @@ DEFAULT_LR = {
     "lm": {"adagrad": 0.02, "mlx-adagrad": 0.02, "sgd": 0.3, "adam": 1e-3, "adamw": 1e-3},
 }
 DEFAULTS = {  # per task: dataset, model, batch size, epochs, schedule
-    "mnist": dict(dataset="mnist", model="mlp", batch_size=128, epochs=12, schedule="cosine"),
-    "lm": dict(dataset="tinyshakespeare", model="transformer", batch_size=32, epochs=20, schedule="cosine"),
+    "mnist": dict(dataset="mnist", model="mlp", batch_size=128, schedule="cosine"),
+    "lm": dict(dataset="tinyshakespeare", model="transformer", batch_size=64, schedule="cosine"),
 }
+MNIST_EPOCHS = {"mlp": 24, "cnn": 4}
+LM_EPOCHS = {"tinyshakespeare": 4, "ptb": 1}  # about 10 minutes each on a 2-core CPU; other text: 1
 
 
 def build_parser():
@@ -66,25 +69,31 @@ def build_parser():
     p.add_argument("--weight-decay", type=float, default=0.0, help="adagrad/sgd: L2 added to g; adamw: decoupled (default 0)")
     p.add_argument("--schedule", choices=["constant", "cosine"], help="learning-rate schedule (default: cosine)")
     p.add_argument("--warmup", type=int, default=0, help="linear warmup steps (default 0)")
-    p.add_argument("--batch-size", type=int, help="default: mnist 128, lm 32")
-    p.add_argument("--epochs", type=int, help="default: mnist 12, lm 20 (an lm epoch is about one pass over the text)")
+    p.add_argument("--batch-size", type=int, help="default: mnist 128, lm 64")
+    p.add_argument("--epochs", type=int, help=f"default: mnist {MNIST_EPOCHS}; lm {LM_EPOCHS}, else 1 "
+                                              "(an lm epoch is about one pass over the training tokens)")
     p.add_argument("--steps", type=int, help="stop after this many steps in all (the schedule still spans --epochs)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dropout", type=float, help="dropout probability (default: mlp 0.2, cnn 0.25, transformer 0.1)")
     p.add_argument("--no-compile", action="store_true", help="run the step eagerly (bit-identical, slower)")
+    p.add_argument("--blas-threads", type=int, default=1, help="OpenBLAS threads (default 1: bit-reproducible; "
+                   "2 trains the LM ~1.3x faster but runs may differ in the last bits)")
     p.add_argument("--data-dir", type=Path, default=None, help="default: $MLX_ADAGRAD_DATA, else ~/.cache/mlx-adagrad")
     p.add_argument("--log-file", type=Path, help="write JSONL: a config line, then step and evaluation lines")
     p.add_argument("--log-every", type=int, default=10, help="log the mean training loss every N steps (default 10)")
     p.add_argument("--checkpoint-dir", type=Path, help="save checkpoints here (every --checkpoint-every steps and at the end)")
     p.add_argument("--checkpoint-every", type=int, default=1000)
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --checkpoint-dir")
+    p.add_argument("--reproduce", type=Path, metavar="LOG", help="rerun the run recorded in LOG (a --log-file) for "
+                   "--reproduce-steps steps and compare every logged value; exits 1 on a mismatch")
+    p.add_argument("--reproduce-steps", type=int, default=30)
     mnist_options = p.add_argument_group("mnist")
     mnist_options.add_argument("--augment-shift", type=int, default=2, help="shift training images by up to N pixels (0: off)")
     lm = p.add_argument_group("lm")
     lm.add_argument("--layers", type=int, default=4)
     lm.add_argument("--dim", type=int, default=256)
     lm.add_argument("--heads", type=int, default=4)
-    lm.add_argument("--context", type=int, default=128, help="tokens per training window")
+    lm.add_argument("--context", type=int, default=64, help="tokens per training window")
     lm.add_argument("--positions", choices=["rope", "learned"], default="rope")
     lm.add_argument("--vocab-size", type=int, default=1024, help="SentencePiece vocabulary (default 1024)")
     lm.add_argument("--tokenizer", choices=["bpe", "unigram"], default="bpe")
@@ -104,6 +113,8 @@ def check_args(args):
     for key, value in DEFAULTS[args.task].items():
         if getattr(args, key) is None:
             setattr(args, key, value)
+    if args.epochs is None:
+        args.epochs = MNIST_EPOCHS[args.model] if args.task == "mnist" else LM_EPOCHS.get(args.dataset, 1)
     args.lr = DEFAULT_LR[args.task][args.optimizer] if args.lr is None else args.lr
     args.data_dir = args.data_dir or default_data_dir()
     if args.task == "mnist" and args.dataset not in mnist.SHA256:
@@ -111,7 +122,7 @@ def check_args(args):
     if (args.task == "lm") != (args.model == "transformer"):
         fail(f"--model {args.model} does not fit --task {args.task}: mnist takes mlp or cnn, lm takes transformer")
     positive = ["lr", "batch_size", "epochs", "log_every", "checkpoint_every", "layers", "dim", "heads", "context",
-                "temperature"]
+                "temperature", "blas_threads"]
     positive += [name for name in ("steps", "eps") if getattr(args, name) is not None]
     for name in positive:
         if not getattr(args, name) > 0:
@@ -200,7 +211,8 @@ def setup_lm(args):
         for split in ["valid"] + (["test"] if final and "test" in splits else []):
             nll = 0.0
             for x, y in text.eval_windows(tokens[split], args.context):
-                nll += nn.losses.cross_entropy(model(mx.array(x)), mx.array(y), reduction="sum").item()
+                token_nll = nn.losses.cross_entropy(model(mx.array(x)), mx.array(y), reduction="none")
+                nll += np.array(token_nll, np.float64).sum()  # float64: sums over 10^5 tokens
             prefix = "val" if split == "valid" else "test"
             metrics[f"{prefix}_loss"] = nll / (len(tokens[split]) - 1)
             metrics[f"{prefix}_nats_per_char"] = nll / len(splits[split])
@@ -244,19 +256,26 @@ class JsonlLog:
             self.file.flush()
 
 
-def run_header(args):
+def run_header(args, command):
     return {
-        "command": " ".join(["python", "train.py", *sys.argv[1:]]),
+        "command": command,
         "config": {**{k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}, "world_size": 1},
         "mlx": mx.__version__, "numpy": np.__version__, "python": platform.python_version(),
-        "platform": platform.platform(), "machine": platform.machine(), "blas": BLAS,
+        "platform": platform.platform(), "machine": platform.machine(), "blas": f"{BLAS}, {blas.threads()} threads",
     }
 
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
+    if args.reproduce:
+        sys.exit(reproduce(args.reproduce, args.reproduce_steps, args.data_dir))
     check_args(args)
-    print(f"BLAS: {BLAS}")
+    train(args, " ".join(["python", "train.py", *(sys.argv[1:] if argv is None else argv)]))
+
+
+def train(args, command):
+    blas.set_threads(args.blas_threads)
+    print(f"BLAS: {BLAS}, {blas.threads()} threads")
     mx.set_cache_limit(1 << 30)  # keep freed buffers for reuse instead of returning them to the OS each step
 
     mx.random.seed(args.seed)
@@ -270,7 +289,7 @@ def main(argv=None):
     except ValueError as e:
         fail(str(e))
     optimizer.init(model.trainable_parameters())
-    header = run_header(args)
+    header = run_header(args, command)
     config = header["config"]
 
     step, epoch, start_batch = 0, 0, 0
@@ -307,7 +326,7 @@ def main(argv=None):
         return metrics, summary
 
     model.train()
-    last_saved, loss = step, float("nan")
+    last_saved, loss, start_time = step, float("nan"), time.perf_counter()
     while epoch < args.epochs and (args.steps is None or step < args.steps):
         bar = tqdm(batches.epoch(epoch, start_batch), total=batches.per_epoch, initial=start_batch,
                    desc=f"epoch {epoch + 1}/{args.epochs}", leave=False, mininterval=0.5)
@@ -339,13 +358,62 @@ def main(argv=None):
             epoch, start_batch = epoch + 1, 0
         done = epoch == args.epochs or step == args.steps
         metrics, summary = evaluate(final=done)
-        log.write({"step": step, "epoch": trained_epoch, **metrics})
+        log.write({"step": step, "epoch": trained_epoch, **metrics, "elapsed_s": time.perf_counter() - start_time})
         print(f"epoch {trained_epoch}: step {step}, train loss {loss:.4f}, {summary}, "
               f"{seen / seconds:.0f} {task.unit}/s")
     if args.checkpoint_dir and last_saved != step:
         save_checkpoint(epoch, start_batch)
     if args.task == "lm" and args.sample:
         print(task.sample(model, args.sample, args.temperature))
+
+
+# ---------------------------------------------------------------------------------------
+# Reproducing a recorded run
+
+# Another platform, BLAS or MLX rounds matmuls differently; those float32 differences grow
+# through training, but over the first few dozen steps they stay far below this.
+CROSS_PLATFORM_RTOL = 1e-3
+
+
+def reproduce(recorded_log: Path, steps: int, data_dir) -> int:
+    """Rerun the first `steps` steps of a recorded run and compare its logged losses and learning rates."""
+    try:
+        lines = [json.loads(line) for line in Path(recorded_log).read_text().splitlines()]
+        header = lines[0]
+        config = {k: v for k, v in header["config"].items() if k != "world_size"}
+    except (OSError, ValueError, KeyError, IndexError) as e:
+        fail(f"{recorded_log} is not a log written by train.py --log-file ({type(e).__name__}: {e})")
+    recorded = {r["step"]: r for r in lines[1:] if "loss" in r and r["step"] <= steps}
+    if not recorded:
+        fail(f"{recorded_log} logs no training loss within the first {steps} steps: raise --reproduce-steps")
+    args = argparse.Namespace(**config)
+    paths = {"data_dir": data_dir or default_data_dir(), "cache_dir": Path(config["cache_dir"]) if config.get("cache_dir") else None}
+    blas.set_threads(config.get("blas_threads", 1))
+    same_machine = all(header.get(k) == v for k, v in {"platform": platform.platform(), "mlx": mx.__version__,
+                                                       "blas": f"{BLAS}, {blas.threads()} threads"}.items())
+    with tempfile.TemporaryDirectory() as tmp:
+        vars(args).update(paths, steps=steps, log_file=Path(tmp) / "rerun.jsonl", checkpoint_dir=None, resume=False,
+                          sample=0, reproduce=None)
+        if args.cache_dir is None or not args.cache_dir.parent.exists():
+            args.cache_dir = build_parser().get_default("cache_dir")
+        print(f"reproducing {recorded_log}: {header['command']} (first {steps} steps)")
+        train(args, f"python train.py --reproduce {recorded_log}")
+        rerun = {r["step"]: r for r in map(json.loads, (Path(tmp) / "rerun.jsonl").read_text().splitlines()[1:])
+                 if "loss" in r}
+    mismatches = []
+    for step, want in recorded.items():
+        got = rerun.get(step, {})
+        for key in ("loss", "lr"):
+            if key not in got:
+                mismatches.append(f"step {step}: no {key} logged")
+            elif (got[key] != want[key]) if same_machine else not math.isclose(got[key], want[key], rel_tol=CROSS_PLATFORM_RTOL):
+                mismatches.append(f"step {step} {key}: {got[key]!r} != recorded {want[key]!r}")
+    how = "bit-exact (same platform, BLAS and MLX)" if same_machine else f"within rtol {CROSS_PLATFORM_RTOL} (other platform/BLAS/MLX)"
+    if mismatches:
+        print(f"MISMATCH: {len(mismatches)} of {2 * len(recorded)} values differ {how}; first: {mismatches[0]}")
+        return 1
+    print(f"REPRODUCED: {2 * len(recorded)} logged values over {steps} steps match, {how}")
+    return 0
 
 
 if __name__ == "__main__":

@@ -14,9 +14,9 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from blas import load_optimized_blas  # noqa: E402
+import blas  # noqa: E402
 
-BLAS = load_optimized_blas()
+BLAS = blas.load_optimized_blas()
 
 import mlx.core as mx  # noqa: E402
 import mlx.nn as nn  # noqa: E402

@@ -129,10 +129,10 @@ def tokenizer(train_text: str, vocab_size: int, model_type: str, cache_dir: Path
         try:
             spm.SentencePieceTrainer.train(sentence_iterator=iter(train_text.split("\n")), model_writer=model, **settings)
         except RuntimeError as e:
-            most = re.search(r"<= (\d+)", str(e))
-            limit = f"at most {most.group(1)} for this text" if most else "see the message: " + str(e).splitlines()[-1]
-            raise DataError(f"--vocab-size {vocab_size} does not fit this training text ({limit}); "
-                            f"the minimum with byte fallback is about 260") from None
+            most, least = re.search(r"<= (\d+)", str(e)), re.search(r"required_chars\. \d+ vs (\d+)", str(e))
+            limit = (f"at most {most.group(1)}" if most else f"at least {least.group(1)}" if least
+                     else str(e).splitlines()[-1])
+            raise DataError(f"--vocab-size {vocab_size} does not fit this training text ({limit})") from None
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.tmp")
         tmp.write_bytes(model.getvalue())
@@ -178,8 +178,13 @@ class Windows:
             yield self.batch(epoch * self.per_epoch + b)
 
 
-def eval_windows(tokens: np.ndarray, context: int):
-    """Consecutive non-overlapping (inputs, targets) windows covering every token after the first once."""
-    for start in range(0, len(tokens) - 1, context):
-        end = min(start + context, len(tokens) - 1)
-        yield tokens[None, start:end], tokens[None, start + 1:end + 1]
+def eval_windows(tokens: np.ndarray, context: int, batch_size: int = 64):
+    """Batches of consecutive non-overlapping (inputs, targets) windows; every token after the
+    first is a target exactly once. A shorter last window comes alone."""
+    full = (len(tokens) - 1) // context
+    inputs = tokens[:full * context].reshape(full, context)
+    targets = tokens[1:full * context + 1].reshape(full, context)
+    for i in range(0, full, batch_size):
+        yield inputs[i:i + batch_size], targets[i:i + batch_size]
+    if full * context < len(tokens) - 1:
+        yield tokens[None, full * context:-1], tokens[None, full * context + 1:]

@@ -1,0 +1,224 @@
+"""The language-model recipe: tokenizer, windows, metrics, and train.py --task lm end to end."""
+
+import json
+import math
+import os
+import re
+import time
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+import pytest
+
+import train
+from data import DataError, text
+
+SHARED_DATA = Path(os.environ.get("MLX_ADAGRAD_DATA", Path(__file__).parents[2] / "shared" / "data"))
+TINY_MODEL = ["--task", "lm", "--dim", "32", "--layers", "1", "--heads", "2", "--context", "16",
+              "--batch-size", "8", "--vocab-size", "300"]
+
+
+def make_text(seed=0, lines=600):
+    """Sentences from a small grammar: learnable, with repeated words for BPE to merge."""
+    rng = np.random.default_rng(seed)
+    subjects, verbs, objects = ["the cat", "a dog", "my king", "thy lord"], ["sees", "loves", "fears"], ["the moon", "a rose", "gold"]
+    return "".join(f"{rng.choice(subjects)} {rng.choice(verbs)} {rng.choice(objects)}{rng.choice(['.', '!', ' ,'])}\n"
+                   for _ in range(lines))
+
+
+@pytest.fixture
+def corpus(tmp_path):
+    path = tmp_path / "corpus.txt"
+    path.write_text(make_text())
+    return path
+
+
+def run_lm(tmp_path, *args, name="run"):
+    log = tmp_path / f"{name}.jsonl"
+    train.main([*TINY_MODEL, "--cache-dir", str(tmp_path / "cache"), "--log-every", "1", "--log-file", str(log), *args])
+    return [json.loads(line) for line in log.read_text().splitlines()]
+
+
+def losses(records):
+    return [(r["step"], r["loss"]) for r in records[1:] if "loss" in r]
+
+
+# ---------------------------------------------------------------------------------------
+# Tokenizer
+
+
+def test_tokenizer_round_trips_any_text_and_is_cached(tmp_path, monkeypatch):
+    train_text = make_text()
+    sp = text.tokenizer(train_text, 300, "bpe", tmp_path)
+    for sample in [train_text, "Unseen: é ü 你好 \t  two  spaces\n\nblank lines\n", "x"]:
+        assert sp.decode(sp.encode(sample)) == sample
+    assert len(list(tmp_path.iterdir())) == 1
+
+    import sentencepiece as spm
+
+    def no_training(**kwargs):
+        raise AssertionError("retrained although cached")
+
+    monkeypatch.setattr(spm.SentencePieceTrainer, "train", no_training)
+    again = text.tokenizer(train_text, 300, "bpe", tmp_path)
+    assert again.encode(train_text) == sp.encode(train_text)
+    with pytest.raises(AssertionError, match="retrained"):
+        text.tokenizer(train_text + "more", 300, "bpe", tmp_path)  # other text: other cache entry
+
+
+@pytest.mark.parametrize("model_type", ["bpe", "unigram"])
+def test_tokenizer_training_is_deterministic(tmp_path, model_type):
+    a = text.tokenizer(make_text(), 285, model_type, tmp_path / "a")
+    b = text.tokenizer(make_text(), 285, model_type, tmp_path / "b")
+    assert a.serialized_model_proto() == b.serialized_model_proto()
+
+
+def test_vocab_size_the_text_cannot_support(tmp_path):
+    with pytest.raises(DataError, match=r"--vocab-size 50000 does not fit .*at most \d+"):
+        text.tokenizer(make_text(lines=50), 50000, "bpe", tmp_path)
+    with pytest.raises(DataError, match=r"--vocab-size 100 does not fit .*at least \d+"):
+        text.tokenizer(make_text(lines=50), 100, "bpe", tmp_path)
+
+
+# ---------------------------------------------------------------------------------------
+# Batches and metrics
+
+
+def test_windows_are_seeded_shifted_and_resumable():
+    tokens = np.arange(1000, dtype=np.int32)
+    windows = text.Windows(tokens, batch_size=4, context=8, seed=1)
+    x, y = windows.batch(7)
+    assert x.shape == y.shape == (4, 8) and x.dtype == np.int32
+    np.testing.assert_array_equal(y, x + 1)  # targets are the next tokens
+    np.testing.assert_array_equal(windows.batch(7)[0], x)
+    assert not np.array_equal(windows.batch(8)[0], x)
+    first = [b[0] for b in windows.epoch(2)]
+    np.testing.assert_array_equal(np.stack([b[0] for b in windows.epoch(2, start_batch=3)]), np.stack(first[3:]))
+
+
+def test_eval_windows_predict_every_token_once():
+    tokens = np.arange(150, dtype=np.int32)
+    batches = list(text.eval_windows(tokens, 16, batch_size=4))
+    assert [x.shape for x, _ in batches] == [(4, 16), (4, 16), (1, 16), (1, 5)]
+    np.testing.assert_array_equal(np.concatenate([y.reshape(-1) for _, y in batches]), tokens[1:])
+    for x, y in batches:
+        np.testing.assert_array_equal(y, x + 1)
+
+
+def test_metrics_by_hand_on_a_uniform_model(tmp_path):
+    """A model that predicts uniformly over V tokens has NLL log V per token; the rest is counting."""
+    ptb = tmp_path / "ptb"
+    ptb.mkdir()
+    for split in ("train", "valid", "test"):
+        (ptb / f"ptb.{split}.txt").write_text(make_text(seed=len(split)).replace(",", "<unk>"))
+    args = train.build_parser().parse_args([*TINY_MODEL, "--dataset", "ptb", "--data-dir", str(tmp_path),
+                                            "--cache-dir", str(tmp_path / "cache")])
+    train.check_args(args)
+    task = train.setup_lm(args)
+    vocab = task.model.embedding.weight.shape[0]
+
+    class Uniform(nn.Module):
+        def __call__(self, tokens):
+            return mx.zeros((*tokens.shape, vocab))
+
+    metrics, _ = task.evaluate(Uniform(), final=True)
+    valid = (ptb / "ptb.valid.txt").read_text()
+    sp = text.tokenizer((ptb / "ptb.train.txt").read_text(), 300, "bpe", tmp_path / "cache")
+    n_tokens, n_chars = len(sp.encode(valid)), len(valid)
+    n_words = len(valid.split()) + valid.count("\n")
+    # Each token's float32 log-softmax of zeros is log V to ~1e-7 relative; the sums are float64.
+    assert metrics["val_loss"] == pytest.approx(math.log(vocab), rel=1e-6)
+    assert metrics["val_nats_per_char"] == pytest.approx(n_tokens * math.log(vocab) / n_chars, rel=1e-6)
+    assert metrics["val_word_ppl"] == pytest.approx(vocab ** (n_tokens / n_words), rel=1e-5)
+    assert {"test_loss", "test_nats_per_char", "test_word_ppl"} <= set(metrics)
+
+
+# ---------------------------------------------------------------------------------------
+# train.py --task lm
+
+
+def test_a_few_steps_lower_the_loss_and_sample(tmp_path, corpus, capsys):
+    records = run_lm(tmp_path, "--dataset", str(corpus), "--steps", "40", "--lr", "0.05", "--sample", "30")
+    steps = losses(records)
+    assert np.mean([l for _, l in steps[-5:]]) < np.mean([l for _, l in steps[:5]]) - 0.5
+    assert "val_nats_per_char" in records[-1]
+    sample = capsys.readouterr().out.strip().splitlines()
+    assert sample  # the generated text is printed last
+
+
+def test_lm_compiled_equals_eager(tmp_path, corpus):
+    args = ["--dataset", str(corpus), "--steps", "6", "--warmup", "2"]
+    assert losses(run_lm(tmp_path, *args, name="c")) == losses(run_lm(tmp_path, *args, "--no-compile", name="e"))
+
+
+def test_lm_resume_equals_uninterrupted(tmp_path, corpus):
+    args = ["--dataset", str(corpus), "--epochs", "2"]
+    whole = run_lm(tmp_path, *args, name="whole")
+    ckpt = str(tmp_path / "ckpt")
+    run_lm(tmp_path, *args, "--steps", "7", "--checkpoint-dir", ckpt, name="part")
+    resumed = run_lm(tmp_path, *args, "--checkpoint-dir", ckpt, "--resume", name="part")
+    assert losses(resumed) == losses(whole)
+    untimed = lambda record: {k: v for k, v in record.items() if k != "elapsed_s"}  # noqa: E731
+    assert untimed(resumed[-1]) == untimed(whole[-1])
+
+
+def one_line_error(capsys, argv):
+    with pytest.raises(SystemExit) as exit_:
+        train.main(argv)
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("train.py: error:")
+    return err[0]
+
+
+def test_bad_lm_inputs_give_one_line_errors(tmp_path, corpus, capsys):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("  \n")
+    cache = ["--cache-dir", str(tmp_path / "cache")]
+    cases = [
+        (["--dataset", str(empty)], "holds no text"),
+        (["--dataset", str(tmp_path / "missing.txt")], "does not exist"),
+        (["--dataset", "penn"], "unknown dataset 'penn'"),
+        (["--dataset", str(corpus), "--vocab-size", "100000"], "--vocab-size 100000 does not fit"),
+        (["--dataset", str(corpus), "--context", "100000"], "longer than the validation split"),
+        (["--dataset", str(corpus), "--dim", "30", "--heads", "4"], "multiple of --heads"),
+        (["--dataset", str(corpus), "--model", "mlp"], "does not fit --task lm"),
+    ]
+    for args, message in cases:
+        assert re.search(message, one_line_error(capsys, [*TINY_MODEL, *cache, *args]))
+
+
+def test_wikitext2_offline_fails_fast(tmp_path, capsys, monkeypatch):
+    import datasets
+
+    monkeypatch.setattr(text, "hub_reachable", lambda: False)  # as on a machine without network
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf")  # and nothing cached
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", datasets.config.HF_HUB_OFFLINE)  # restored afterwards
+    start = time.perf_counter()
+    error = one_line_error(capsys, [*TINY_MODEL, "--dataset", "wikitext-2"])
+    assert "Hugging Face hub" in error and "--dataset PATH" in error
+    assert time.perf_counter() - start < 5
+
+
+def test_wikitext2_hub_records_become_splits():
+    """The conversion applied to the hub's DatasetDict, on one built here in its format (lines with newlines)."""
+    import datasets
+
+    lines = {"train": [" = Title = \n", " Some text .\n"], "validation": [" Valid .\n"], "test": ["", " Test .\n"]}
+    loaded = datasets.DatasetDict({k: datasets.Dataset.from_dict({"text": v}) for k, v in lines.items()})
+    assert text.splits_from_hub(loaded) == {"train": " = Title = \n Some text .\n", "valid": " Valid .\n", "test": " Test .\n"}
+
+
+@pytest.mark.parametrize("dataset", ["tinyshakespeare", "ptb"])
+def test_real_text_short_run(tmp_path, dataset):
+    if not (SHARED_DATA / dataset).is_dir():
+        pytest.skip(f"real {dataset} not found at {SHARED_DATA / dataset} (set MLX_ADAGRAD_DATA to the shared data folder)")
+    records = run_lm(tmp_path, "--dataset", dataset, "--data-dir", str(SHARED_DATA), "--vocab-size", "512",
+                     "--dim", "64", "--context", "32", "--batch-size", "16", "--steps", "60", "--lr", "0.05")
+    final = records[-1]
+    # A uniform guess over 512 tokens costs log(512) = 6.24 nats a token; 60 small steps already
+    # learn the unigram statistics, which takes the loss well below that.
+    assert final["val_loss"] < 5.5
+    assert ("test_word_ppl" in final) == (dataset == "ptb")

@@ -1,0 +1,53 @@
+"""train.py --reproduce: a recorded run is rerun and every logged value compared."""
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+import train
+from tests.test_mnist import write_small_mnist
+
+REPO = Path(__file__).parents[1]
+SHARED_DATA = Path(os.environ.get("MLX_ADAGRAD_DATA", REPO.parent / "shared" / "data"))
+
+
+def reproduce(capsys, log, steps, data_dir=None):
+    argv = ["--reproduce", str(log), "--reproduce-steps", str(steps)] + (["--data-dir", str(data_dir)] if data_dir else [])
+    with pytest.raises(SystemExit) as exit_:
+        train.main(argv)
+    return exit_.value.code, capsys.readouterr().out.strip().splitlines()[-1]
+
+
+def test_reproduces_a_recorded_run_and_catches_a_changed_value(tmp_path, capsys):
+    write_small_mnist(tmp_path)
+    log = tmp_path / "recorded.jsonl"
+    train.main(["--data-dir", str(tmp_path), "--batch-size", "32", "--epochs", "2", "--log-every", "2",
+                "--log-file", str(log), "--optimizer", "adamw", "--warmup", "3"])
+    code, verdict = reproduce(capsys, log, 12, tmp_path)
+    assert code == 0 and verdict.startswith("REPRODUCED: 12 logged values over 12 steps match, bit-exact"), verdict
+
+    records = [json.loads(line) for line in log.read_text().splitlines()]
+    records[3]["loss"] = records[3]["loss"] * (1 + 1e-7)  # one value off in its last bits
+    log.write_text("".join(json.dumps(r) + "\n" for r in records))
+    code, verdict = reproduce(capsys, log, 12, tmp_path)
+    assert code == 1 and verdict.startswith("MISMATCH: 1 of 12 values differ") and f"step {records[3]['step']} loss" in verdict
+
+
+def test_not_a_log_is_a_one_line_error(tmp_path, capsys):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("hello\n")
+    with pytest.raises(SystemExit) as exit_:
+        train.main(["--reproduce", str(bad)])
+    assert exit_.value.code == 2 and "is not a log written by train.py" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("run", ["mnist_mlp_adagrad.jsonl", "lm_tinyshakespeare_adagrad.jsonl"])
+def test_documented_curves_reproduce(capsys, run):
+    """The check CI runs: the first steps of a README curve, rerun from its recorded command."""
+    dataset = json.loads((REPO / "curves" / run).read_text().splitlines()[0])["config"]["dataset"]
+    if not (SHARED_DATA / dataset).is_dir():
+        pytest.skip(f"real {dataset} not found at {SHARED_DATA / dataset} (set MLX_ADAGRAD_DATA to the shared data folder)")
+    code, verdict = reproduce(capsys, REPO / "curves" / run, 20, SHARED_DATA)
+    assert code == 0, verdict
