@@ -42,7 +42,7 @@ OPTIMIZERS = ["adagrad", "mlx-adagrad", "sgd", "adam", "adamw"]
 # Chosen by sweeps on the default model of each task (README, "Choosing the defaults").
 DEFAULT_LR = {
     "mnist": {"adagrad": 0.01, "mlx-adagrad": 0.01, "sgd": 0.05, "adam": 1e-3, "adamw": 1e-3},
-    "lm": {"adagrad": 0.02, "mlx-adagrad": 0.02, "sgd": 0.3, "adam": 1e-3, "adamw": 1e-3},
+    "lm": {"adagrad": 0.005, "mlx-adagrad": 0.005, "sgd": 0.1, "adam": 1e-3, "adamw": 1e-3},  # lm sgd: not tuned
 }
 DEFAULTS = {  # per task: dataset, model, batch size, epochs, schedule
     "mnist": dict(dataset="mnist", model="mlp", batch_size=128, schedule="cosine"),

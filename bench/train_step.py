@@ -1,11 +1,13 @@
-"""Training-step throughput of the MNIST recipes: ours compiled vs eager vs PyTorch, in one run.
+"""Training-step throughput of the recipes: ours compiled vs eager vs PyTorch, in one run.
 
-    python bench/train_step.py [--model mlp cnn] [--batch-size 128] [--steps 50]
+    python bench/train_step.py [--model mlp cnn lm] [--steps 40]
 
 Every variant trains the same architecture on the same random batch with Adagrad
-(ours in MLX; torch.optim.Adagrad(fused=True) in PyTorch, when torch is installed).
+(ours in MLX; torch.optim.Adagrad(fused=True) in PyTorch, when torch is installed),
+at the recipes' batch sizes (MNIST 128 images, LM 64 x 64 tokens). MLX runs with
+OpenBLAS on 1 thread (train.py's bit-reproducible default) and on 2; PyTorch on 2.
 The variants take turns, a few steps at a time, so load on the machine hits all
-alike; each cell is the median step time turned into samples/s.
+alike; each cell is the median step time turned into samples (or tokens) per second.
 """
 
 import argparse
@@ -25,11 +27,25 @@ import numpy as np  # noqa: E402
 from adagrad import Adagrad  # noqa: E402
 from models.cnn import CNN  # noqa: E402
 from models.mlp import MLP  # noqa: E402
+from models.transformer import Transformer  # noqa: E402
+
+VOCAB, CONTEXT = 1024, 64
 
 
-def mlx_stepper(model_name, images, labels, compiled):
+def make_mlx_model(name):
+    return {"mlp": MLP, "cnn": CNN, "lm": lambda: Transformer(VOCAB, CONTEXT)}[name]()
+
+
+def make_batch(name, rng):
+    if name == "lm":
+        tokens = rng.integers(0, VOCAB, (64, CONTEXT + 1)).astype(np.int32)
+        return tokens[:, :-1], tokens[:, 1:]
+    return rng.integers(0, 256, (128, 28, 28, 1), dtype=np.uint8), rng.integers(0, 10, 128).astype(np.int32)
+
+
+def mlx_stepper(model_name, images, labels, compiled, threads):
     mx.random.seed(0)
-    model = MLP() if model_name == "mlp" else CNN()
+    model = make_mlx_model(model_name)
     optimizer = Adagrad(0.02)
     optimizer.init(model.trainable_parameters())
     state = [model.state, optimizer.state, mx.random.state]
@@ -47,9 +63,51 @@ def mlx_stepper(model_name, images, labels, compiled):
         step = mx.compile(step, inputs=state, outputs=state)
 
     def run():
+        blas.set_threads(threads)
         mx.eval(step(x, y), state)
 
     return run
+
+
+def torch_transformer(torch, tnn):
+    """The same decoder as models/transformer.py: pre-norm, RoPE, ReLU MLP, tied embeddings."""
+
+    def rope(x):  # x: (B, H, L, d); rotate the two halves, as nn.RoPE(traditional=False)
+        half = x.shape[-1] // 2
+        freqs = 10000.0 ** (-torch.arange(half, dtype=torch.float32) / half)
+        angles = torch.arange(x.shape[-2], dtype=torch.float32)[:, None] * freqs
+        cos, sin = angles.cos(), angles.sin()
+        x1, x2 = x[..., :half], x[..., half:]
+        return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
+
+    class Block(tnn.Module):
+        def __init__(self, dim=256, heads=4):
+            super().__init__()
+            self.heads = heads
+            self.norm1, self.norm2 = tnn.LayerNorm(dim), tnn.LayerNorm(dim)
+            self.qkv, self.out = tnn.Linear(dim, 3 * dim, bias=False), tnn.Linear(dim, dim, bias=False)
+            self.mlp = tnn.Sequential(tnn.Linear(dim, 4 * dim), tnn.ReLU(), tnn.Linear(4 * dim, dim))
+            self.drop = tnn.Dropout(0.1)
+
+        def forward(self, x):
+            b, length, dim = x.shape
+            q, k, v = self.qkv(self.norm1(x)).view(b, length, 3, self.heads, -1).permute(2, 0, 3, 1, 4)
+            a = tnn.functional.scaled_dot_product_attention(rope(q), rope(k), v, is_causal=True)
+            x = x + self.drop(self.out(a.transpose(1, 2).reshape(b, length, dim)))
+            return x + self.drop(self.mlp(self.norm2(x)))
+
+    class LM(tnn.Module):
+        def __init__(self, dim=256, layers=4):
+            super().__init__()
+            self.embedding = tnn.Embedding(VOCAB, dim)
+            self.blocks = tnn.Sequential(*[Block(dim) for _ in range(layers)])
+            self.norm, self.drop = tnn.LayerNorm(dim), tnn.Dropout(0.1)
+
+        def forward(self, tokens):
+            x = self.norm(self.blocks(self.drop(self.embedding(tokens))))
+            return (x @ self.embedding.weight.T).flatten(0, 1)
+
+    return LM()
 
 
 def torch_stepper(model_name, images, labels):
@@ -60,13 +118,18 @@ def torch_stepper(model_name, images, labels):
     if model_name == "mlp":
         model = tnn.Sequential(tnn.Flatten(), tnn.Linear(784, 512), tnn.ReLU(), tnn.Dropout(0.2),
                                tnn.Linear(512, 512), tnn.ReLU(), tnn.Dropout(0.2), tnn.Linear(512, 10))
+    elif model_name == "lm":
+        model = torch_transformer(torch, tnn)
     else:
         model = tnn.Sequential(tnn.Conv2d(1, 32, 3, padding=1), tnn.ReLU(), tnn.MaxPool2d(2),
                                tnn.Conv2d(32, 64, 3, padding=1), tnn.ReLU(), tnn.MaxPool2d(2), tnn.Flatten(),
                                tnn.Linear(7 * 7 * 64, 128), tnn.ReLU(), tnn.Dropout(0.25), tnn.Linear(128, 10))
     optimizer = torch.optim.Adagrad(model.parameters(), lr=0.02, eps=1e-8, fused=True)
-    x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255.0  # NCHW, as torch's conv wants
-    y = torch.from_numpy(labels).long()
+    if model_name == "lm":
+        x, y = torch.from_numpy(images).long(), torch.from_numpy(labels).long().flatten()
+    else:
+        x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255.0  # NCHW, as torch's conv wants
+        y = torch.from_numpy(labels).long()
 
     def run():
         optimizer.zero_grad(set_to_none=True)
@@ -79,9 +142,8 @@ def torch_stepper(model_name, images, labels):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", nargs="+", default=["mlp", "cnn"], choices=["mlp", "cnn"])
-    parser.add_argument("--batch-size", type=int, default=128)
-    parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument("--model", nargs="+", default=["mlp", "cnn", "lm"], choices=["mlp", "cnn", "lm"])
+    parser.add_argument("--steps", type=int, default=40)
     args = parser.parse_args()
 
     try:
@@ -91,19 +153,19 @@ def main():
     except ImportError:
         torch_version = None
     rng = np.random.default_rng(0)
-    images = rng.integers(0, 256, (args.batch_size, 28, 28, 1), dtype=np.uint8)
-    labels = rng.integers(0, 10, args.batch_size).astype(np.int32)
-
     print(f"BLAS: {BLAS}; mlx {mx.__version__}; torch {torch_version or 'not installed'} "
-          f"({torch.get_num_threads() if torch_version else '-'} threads); batch {args.batch_size}")
-    names = ["mlx compiled (ours)", "mlx eager (ours)"] + (["torch eager, fused Adagrad"] if torch_version else [])
-    print("| model | " + " | ".join(names) + " | compiled / torch |")
-    print("|---" * (len(names) + 2) + "|")
+          f"({torch.get_num_threads() if torch_version else '-'} threads)")
+    names = ["mlx compiled, 1 BLAS thread", "mlx compiled, 2 BLAS threads", "mlx eager, 1 BLAS thread"]
+    names += ["torch, fused Adagrad, 2 threads"] if torch_version else []
+    print("| model | unit | " + " | ".join(names) + " | compiled (1 thread) / torch |")
+    print("|---" * (len(names) + 3) + "|")
     for model_name in args.model:
-        steppers = {names[0]: mlx_stepper(model_name, images, labels, True),
-                    names[1]: mlx_stepper(model_name, images, labels, False)}
+        images, labels = make_batch(model_name, rng)
+        steppers = {names[0]: mlx_stepper(model_name, images, labels, True, 1),
+                    names[1]: mlx_stepper(model_name, images, labels, True, 2),
+                    names[2]: mlx_stepper(model_name, images, labels, False, 1)}
         if torch_version:
-            steppers[names[2]] = torch_stepper(model_name, images, labels)
+            steppers[names[3]] = torch_stepper(model_name, images, labels)
         times = {name: [] for name in steppers}
         for run in steppers.values():
             for _ in range(5):  # warm up: JIT builds, allocator caches
@@ -114,9 +176,11 @@ def main():
                     start = time.perf_counter()
                     run()
                     times[name].append(time.perf_counter() - start)
-        rate = {name: args.batch_size / float(np.median(t)) for name, t in times.items()}
-        ratio = f"{rate[names[0]] / rate[names[2]]:.2f}x" if torch_version else "-"
-        print(f"| {model_name} | " + " | ".join(f"{rate[n]:,.0f} samples/s" for n in names) + f" | {ratio} |")
+        per_step = labels.size
+        rate = {name: per_step / float(np.median(t)) for name, t in times.items()}
+        ratio = f"{rate[names[0]] / rate[names[3]]:.2f}x" if torch_version else "-"
+        unit = "tokens/s" if model_name == "lm" else "samples/s"
+        print(f"| {model_name} | {unit} | " + " | ".join(f"{rate[n]:,.0f}" for n in names) + f" | {ratio} |")
 
 
 if __name__ == "__main__":
