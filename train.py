@@ -77,7 +77,7 @@ def build_parser():
     p.add_argument("--dropout", type=float, help="dropout probability (default: mlp 0.2, cnn 0.25, transformer 0.1)")
     p.add_argument("--no-compile", action="store_true", help="run the step eagerly (bit-identical, slower)")
     p.add_argument("--blas-threads", type=int, default=1, help="OpenBLAS threads (default 1: bit-reproducible; "
-                   "2 trains the LM ~1.3x faster but runs may differ in the last bits)")
+                   "2 trains the LM ~1.4x faster but runs may differ in the last bits)")
     p.add_argument("--data-dir", type=Path, default=None, help="default: $MLX_ADAGRAD_DATA, else ~/.cache/mlx-adagrad")
     p.add_argument("--log-file", type=Path, help="write JSONL: a config line, then step and evaluation lines")
     p.add_argument("--log-every", type=int, default=10, help="log the mean training loss every N steps (default 10)")

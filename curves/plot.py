@@ -2,8 +2,10 @@
 
     pip install matplotlib && python curves/plot.py
 
-Left panel: training loss (mean over each logging interval) per step. Right panel: the
-evaluation metric per evaluation (MNIST test accuracy; LM validation nats per character).
+Left panel: training loss per step, as logged (the mean over each --log-every interval)
+then smoothed by a moving average over 2% of the run. Right panel: the evaluation metric
+per evaluation (MNIST test accuracy; LM validation nats per character). mlx-adagrad is
+dashed: in float32 it is bit-identical to adagrad, so it lies exactly on top of it.
 """
 
 import json
@@ -13,6 +15,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
 
 HERE = Path(__file__).parent
 PLOTS = {  # png name: (title, log-file pattern, metric key, metric label)
@@ -29,6 +32,11 @@ def read(path):
     return records[0], [r for r in records[1:] if "loss" in r], [r for r in records[1:] if "loss" not in r]
 
 
+def smooth(values):
+    window = max(1, len(values) // 50)
+    return np.convolve(values, np.ones(window) / window, mode="valid"), window - 1
+
+
 def plot(png, title, pattern, metric, metric_label):
     runs = sorted(HERE.glob(pattern))
     if not runs:
@@ -37,11 +45,13 @@ def plot(png, title, pattern, metric, metric_label):
     for path in runs:
         header, steps, evals = read(path)
         label = f"{header['config']['optimizer']} (lr {header['config']['lr']:g})"
-        left.plot([r["step"] for r in steps], [r["loss"] for r in steps], label=label, linewidth=1)
+        style = {"linestyle": "--", "zorder": 3} if header["config"]["optimizer"] == "mlx-adagrad" else {}
+        loss, skip = smooth([r["loss"] for r in steps])
+        left.plot([r["step"] for r in steps][skip:], loss, label=label, linewidth=1.2, **style)
         scale = 100 if metric == "test_acc" else 1
-        right.plot([r["step"] for r in evals], [scale * r[metric] for r in evals], marker="o", label=label)
-    left.set(xlabel="step", ylabel="training loss (nats per token)" if "lm" in png else "training loss (nats)",
-             yscale="log", title=title)
+        right.plot([r["step"] for r in evals], [scale * r[metric] for r in evals], marker="o", label=label, **style)
+    unit = "nats per token" if "lm" in png else "nats per image"
+    left.set(xlabel="step", ylabel=f"training loss ({unit}, smoothed)", yscale="log", title=title)
     right.set(xlabel="step", ylabel=metric_label, title=title)
     for axis in (left, right):
         axis.grid(alpha=0.3)

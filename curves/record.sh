@@ -14,4 +14,7 @@ for dataset in tinyshakespeare ptb; do
     run "lm_${dataset}_$optimizer" --task lm --dataset "$dataset" --optimizer "$optimizer" --sample 200
   done
 done
+for optimizer in mlx-adagrad; do
+  run "lm_tinyshakespeare_$optimizer" --task lm --dataset tinyshakespeare --optimizer "$optimizer" --sample 200
+done
 python curves/plot.py

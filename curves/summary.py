@@ -1,0 +1,40 @@
+"""Print the README's results table from the recorded runs in curves/.
+
+    python curves/summary.py
+"""
+
+import json
+import statistics
+from pathlib import Path
+
+HERE = Path(__file__).parent
+
+
+def summarize(path):
+    records = [json.loads(line) for line in path.read_text().splitlines()]
+    header, steps = records[0], [r for r in records[1:] if "loss" in r]
+    evals = [r for r in records[1:] if "loss" not in r]
+    if not evals:
+        return f"| {path.stem} | `{header['command']}` | (no evaluation yet) | | |"
+    final, config = evals[-1], header["config"]
+    rate_key = "tokens_per_s" if config["task"] == "lm" else "samples_per_s"
+    rate = statistics.median(r[rate_key] for r in steps)
+    if config["task"] == "mnist":
+        first_98 = next((r["elapsed_s"] for r in evals if r["test_acc"] >= 0.98), None)
+        result = f"test accuracy {100 * final['test_acc']:.2f}%" + (f" (98% after {first_98:.0f} s)" if first_98 else "")
+    else:
+        result = f"val {final['val_nats_per_char']:.3f} nats/char"
+        if "test_word_ppl" in final:
+            result += f", test {final['test_nats_per_char']:.3f} nats/char, test word perplexity {final['test_word_ppl']:.1f}"
+    unit = "tokens/s" if config["task"] == "lm" else "samples/s"
+    return (f"| {path.stem} | `{header['command']}` | {result} | {final['elapsed_s'] / 60:.1f} min | "
+            f"{rate:,.0f} {unit} |")
+
+
+if __name__ == "__main__":
+    print("| run | command | result | wall clock | throughput |")
+    print("|---|---|---|---|---|")
+    for path in sorted(HERE.glob("*.jsonl")):
+        print(summarize(path))
+    machine = json.loads(next(HERE.glob("*.jsonl")).read_text().splitlines()[0])
+    print(f"\nMachine: {machine['platform']}, 2 cores, MLX {machine['mlx']}, BLAS {machine['blas']}.")
