@@ -11,6 +11,7 @@ differed in the last bits of the loss, which breaks bit-exact seeds and resume.
 
 import ctypes
 import platform
+import sys
 
 CANDIDATES = ["libopenblas.so.0", "libopenblas.so"]
 INSTALL_HINT = "apt-get install libopenblas0-pthread (Debian/Ubuntu) or dnf install openblas (Fedora)"
@@ -18,19 +19,26 @@ _openblas = None
 
 
 def load_optimized_blas(threads: int = 1) -> str:
-    """Load OpenBLAS if it is installed, on `threads` threads; return a line saying which BLAS MLX uses."""
+    """Load OpenBLAS if it is installed, on `threads` threads; return a line saying which BLAS MLX uses.
+
+    The line names OpenBLAS's kernel set (chosen per CPU), since another set rounds differently.
+    """
     global _openblas
     if platform.system() != "Linux":
         return "Accelerate (macOS)" if platform.system() == "Darwin" else "MLX default BLAS"
+    if _openblas is None and "mlx.core" in sys.modules:
+        # MLX's matmuls are already bound to the wheel's BLAS; loading OpenBLAS now changes nothing.
+        return "reference BLAS (slow: mlx.core was imported before blas.py; import train or blas first)"
     for name in CANDIDATES:
         try:
             _openblas = ctypes.CDLL(name, mode=ctypes.RTLD_GLOBAL)
         except OSError:
             continue
         _openblas.openblas_get_config.restype = ctypes.c_char_p
+        _openblas.openblas_get_corename.restype = ctypes.c_char_p
         set_threads(threads)
-        config = _openblas.openblas_get_config().decode().split()
-        return f"{config[0]} {config[1]} ({name})"
+        version = " ".join(_openblas.openblas_get_config().decode().split()[:2])
+        return f"{version} {_openblas.openblas_get_corename().decode()} kernels ({name})"
     return f"reference BLAS (slow: ~6 GFLOP/s; for 15-25x faster training: {INSTALL_HINT})"
 
 
