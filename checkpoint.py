@@ -1,8 +1,10 @@
 """Checkpoints: model, optimizer state, RNG key, data position and config in one safetensors file.
 
-<dir>/checkpoint.safetensors holds arrays "model.*", "optimizer.*", "rng.key" and the
-JSON run state in its metadata; <dir>/checkpoint.json repeats that JSON for people.
-Both are written to a temporary file and renamed, so a crash never leaves half a file.
+<dir>/checkpoint.safetensors holds arrays "model.*", "optimizer.*", "rng.keys" (one RNG key
+per process) and the JSON run state in its metadata; <dir>/checkpoint.json repeats that JSON
+for people. Both are written to a temporary file and renamed, so a crash never leaves half a
+file. Data-parallel processes hold equal weights and optimizer state, so only rank 0 writes;
+to resume on several machines, --checkpoint-dir must be a folder they all see.
 """
 
 import json
@@ -32,21 +34,30 @@ def _atomic_write(path: Path, write):
             tmp.unlink()
 
 
-def save(directory, model, optimizer, run_state: dict):
-    """Write the checkpoint of `model`, `optimizer`, the MLX RNG and `run_state` (JSON-able)."""
+def save(directory, model, optimizer, run_state: dict, group=None):
+    """Write the checkpoint of `model`, `optimizer`, the MLX RNG and `run_state` (JSON-able).
+
+    Under mlx.launch every process of `group` must call it: it gathers their RNG keys.
+    """
+    keys = mx.random.state[0][None]
+    if group is not None and group.size() > 1:
+        keys = mx.distributed.all_gather(keys, group=group)
+        if group.rank() > 0:
+            mx.eval(keys)
+            return
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     arrays = {f"model.{k}": v for k, v in tree_flatten(model.parameters())}
     arrays.update({f"optimizer.{k}": v for k, v in tree_flatten(optimizer.state)})
-    arrays["rng.key"] = mx.random.state[0]
+    arrays["rng.keys"] = keys
     text = json.dumps(run_state, indent=1, sort_keys=True)
     _atomic_write(directory / "checkpoint.safetensors",
                   lambda tmp: mx.save_safetensors(str(tmp), arrays, metadata={"run_state": text}))
     _atomic_write(directory / "checkpoint.json", lambda tmp: tmp.write_text(text + "\n"))
 
 
-def load(directory, model, optimizer, config: dict) -> dict:
-    """Restore model, optimizer and RNG from `directory`; return the saved run state.
+def load(directory, model, optimizer, config: dict, rank: int = 0) -> dict:
+    """Restore model, optimizer and process `rank`'s RNG from `directory`; return the saved run state.
 
     Call it before building the compiled step: the step captures these state objects.
     """
@@ -72,6 +83,6 @@ def load(directory, model, optimizer, config: dict) -> dict:
     model.update(tree_unflatten(list(params.items())))
     optimizer.state = tree_unflatten([(k[len("optimizer."):], v) for k, v in arrays.items() if k.startswith("optimizer.")])
     optimizer.init(model.trainable_parameters())
-    high, low = arrays["rng.key"].tolist()  # mx.random.key(seed) is [seed >> 32, seed & 0xffffffff]
+    high, low = arrays["rng.keys"][rank].tolist()  # mx.random.key(seed) is [seed >> 32, seed & 0xffffffff]
     mx.random.seed((high << 32) | low)
     return run_state

@@ -5,6 +5,7 @@
     python train.py --dataset fashion-mnist
     python train.py --task lm --dataset tinyshakespeare      # transformer LM (also ptb, wikitext-2, PATH)
     python train.py --checkpoint-dir ckpt --steps 500 && python train.py --checkpoint-dir ckpt --resume
+    mlx.launch -n 2 --backend ring -- python train.py        # data-parallel on 2 processes
 
 The training step is compiled once over the full state (model, optimizer, RNG).
 Data come from --data-dir (default $MLX_ADAGRAD_DATA, else ~/.cache/mlx-adagrad).
@@ -42,7 +43,7 @@ OPTIMIZERS = ["adagrad", "mlx-adagrad", "sgd", "adam", "adamw"]
 # Chosen by sweeps on the default model of each task (README, "Choosing the defaults").
 DEFAULT_LR = {
     "mnist": {"adagrad": 0.01, "mlx-adagrad": 0.01, "sgd": 0.05, "adam": 1e-3, "adamw": 1e-3},
-    "lm": {"adagrad": 0.005, "mlx-adagrad": 0.005, "sgd": 0.1, "adam": 1e-3, "adamw": 1e-3},  # lm sgd: not tuned
+    "lm": {"adagrad": 0.005, "mlx-adagrad": 0.005, "sgd": 0.03, "adam": 1e-3, "adamw": 1e-3},
 }
 DEFAULTS = {  # per task: dataset, model, batch size, epochs, schedule
     "mnist": dict(dataset="mnist", model="mlp", batch_size=128, schedule="cosine"),
@@ -105,7 +106,8 @@ def build_parser():
 
 
 def fail(message):
-    print(f"train.py: error: {message}", file=sys.stderr)
+    rank = mx.distributed.init().rank() if mx.distributed.is_available() else 0
+    print(f"train.py: error{f' (rank {rank})' if rank else ''}: {message}", file=sys.stderr)
     sys.exit(2)
 
 
@@ -167,8 +169,21 @@ def make_optimizer(args, lr):
     return optim.AdamW(lr, weight_decay=args.weight_decay, **eps)
 
 
-def cross_entropy(model, inputs, targets):
-    return nn.losses.cross_entropy(model(inputs), targets, reduction="mean")
+def cross_entropy(model, inputs, targets, scale):
+    """Summed cross-entropy times `scale` = 1 / (targets in the global batch): the batch mean on one process."""
+    return nn.losses.cross_entropy(model(inputs), targets, reduction="sum") * scale
+
+
+def shard(batch, rank, world):
+    """This process's rows of a global batch, and its loss scale.
+
+    Each of the `world` processes takes a disjoint slice of the rows. Its loss is its summed
+    cross-entropy times world / n, n the targets in the whole batch, so the mean over processes
+    of the shard gradients (nn.average_gradients) is the gradient of the global batch mean,
+    even when the last batch does not split evenly.
+    """
+    inputs, targets = (np.array_split(a, world)[rank] for a in batch)
+    return mx.array(inputs), mx.array(targets), mx.array(world / batch[1].size, mx.float32)
 
 
 # ---------------------------------------------------------------------------------------
@@ -256,10 +271,10 @@ class JsonlLog:
             self.file.flush()
 
 
-def run_header(args, command):
+def run_header(args, command, world):
     return {
         "command": command,
-        "config": {**{k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}, "world_size": 1},
+        "config": {**{k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}, "world_size": world},
         "mlx": mx.__version__, "numpy": np.__version__, "python": platform.python_version(),
         "platform": platform.platform(), "machine": platform.machine(), "blas": f"{BLAS}, {blas.threads()} threads",
     }
@@ -270,13 +285,19 @@ def main(argv=None):
     if args.reproduce:
         sys.exit(reproduce(args.reproduce, args.reproduce_steps, args.data_dir))
     check_args(args)
-    train(args, " ".join(["python", "train.py", *(sys.argv[1:] if argv is None else argv)]))
+    return train(args, " ".join(["python", "train.py", *(sys.argv[1:] if argv is None else argv)]))
 
 
 def train(args, command):
+    """Train as `args` says; return the model and optimizer. Under mlx.launch, data-parallel."""
+    group = mx.distributed.init()  # a group of one unless started by mlx.launch
+    rank, world = group.rank(), group.size()
+    say = print if rank == 0 else (lambda *_, **__: None)
     blas.set_threads(args.blas_threads)
-    print(f"BLAS: {BLAS}, {blas.threads()} threads")
+    say(f"BLAS: {BLAS}, {blas.threads()} threads" + (f"; data-parallel on {world} processes" if world > 1 else ""))
     mx.set_cache_limit(1 << 30)  # keep freed buffers for reuse instead of returning them to the OS each step
+    if args.batch_size < world:
+        fail(f"--batch-size {args.batch_size} is smaller than the {world} processes: each needs a share of every batch")
 
     mx.random.seed(args.seed)
     try:
@@ -289,35 +310,40 @@ def train(args, command):
     except ValueError as e:
         fail(str(e))
     optimizer.init(model.trainable_parameters())
-    header = run_header(args, command)
+    header = run_header(args, command, world)
     config = header["config"]
+    if rank > 0:  # same initial weights on every process, but its own dropout and augmentation draws
+        mx.random.seed(args.seed + rank)
 
     step, epoch, start_batch = 0, 0, 0
     if args.resume:
         try:
-            saved = checkpoint.load(args.checkpoint_dir, model, optimizer, config)
+            saved = checkpoint.load(args.checkpoint_dir, model, optimizer, config, rank)
         except checkpoint.CheckpointError as e:
             fail(str(e))
         step, epoch, start_batch = saved["step"], saved["epoch"], saved["batch"]
-        print(f"resumed from {args.checkpoint_dir} at step {step} (epoch {epoch + 1}, batch {start_batch})")
+        say(f"resumed from {args.checkpoint_dir} at step {step} (epoch {epoch + 1}, batch {start_batch})")
 
     # The compiled step captures these objects: build it only after init and any resume.
     state = [model.state, optimizer.state, mx.random.state]
 
-    def train_step(inputs, targets):
-        loss, grads = nn.value_and_grad(model, cross_entropy)(model, task.augment(inputs), targets)
+    def train_step(inputs, targets, scale):
+        loss, grads = nn.value_and_grad(model, cross_entropy)(model, task.augment(inputs), targets, scale)
+        if world > 1:  # every process applies the same averaged gradient, so weights and state stay equal
+            grads, loss = nn.average_gradients(grads), mx.distributed.all_sum(loss) / world
         optimizer.update(model, grads)
         return loss
 
     if not args.no_compile:
         train_step = partial(mx.compile, inputs=state, outputs=state)(train_step)
 
-    log = JsonlLog(args.log_file, None if args.resume else header)
+    log = JsonlLog(args.log_file if rank == 0 else None, None if args.resume else header)
 
     def save_checkpoint(epoch, batch):
         if batch == batches.per_epoch:  # store the end of an epoch as the start of the next
             epoch, batch = epoch + 1, 0
-        checkpoint.save(args.checkpoint_dir, model, optimizer, {"step": step, "epoch": epoch, "batch": batch, "config": config})
+        checkpoint.save(args.checkpoint_dir, model, optimizer, {"step": step, "epoch": epoch, "batch": batch, "config": config},
+                        group)
 
     def evaluate(final=False):
         model.eval()
@@ -329,10 +355,10 @@ def train(args, command):
     last_saved, loss, start_time = step, float("nan"), time.perf_counter()
     while epoch < args.epochs and (args.steps is None or step < args.steps):
         bar = tqdm(batches.epoch(epoch, start_batch), total=batches.per_epoch, initial=start_batch,
-                   desc=f"epoch {epoch + 1}/{args.epochs}", leave=False, mininterval=0.5)
+                   desc=f"epoch {epoch + 1}/{args.epochs}", leave=False, mininterval=0.5, disable=rank > 0)
         window, seen, tic = [], 0, time.perf_counter()
         for batch in bar:
-            loss = train_step(mx.array(batch[0]), mx.array(batch[1]))
+            loss = train_step(*shard(batch, rank, world))
             mx.eval(state, loss)
             loss = loss.item()
             step, start_batch, seen = step + 1, start_batch + 1, seen + task.per_batch(batch)
@@ -356,15 +382,15 @@ def train(args, command):
         seconds, trained_epoch = time.perf_counter() - tic, epoch + 1
         if start_batch == batches.per_epoch:
             epoch, start_batch = epoch + 1, 0
-        done = epoch == args.epochs or step == args.steps
-        metrics, summary = evaluate(final=done)
-        log.write({"step": step, "epoch": trained_epoch, **metrics, "elapsed_s": time.perf_counter() - start_time})
-        print(f"epoch {trained_epoch}: step {step}, train loss {loss:.4f}, {summary}, "
-              f"{seen / seconds:.0f} {task.unit}/s")
+        if rank == 0:  # the others go on; they wait for it at the next step's gradient average
+            metrics, summary = evaluate(final=epoch == args.epochs or step == args.steps)
+            log.write({"step": step, "epoch": trained_epoch, **metrics, "elapsed_s": time.perf_counter() - start_time})
+            say(f"epoch {trained_epoch}: step {step}, train loss {loss:.4f}, {summary}, {seen / seconds:.0f} {task.unit}/s")
     if args.checkpoint_dir and last_saved != step:
         save_checkpoint(epoch, start_batch)
-    if args.task == "lm" and args.sample:
+    if args.task == "lm" and args.sample and rank == 0:
         print(task.sample(model, args.sample, args.temperature))
+    return model, optimizer
 
 
 # ---------------------------------------------------------------------------------------
@@ -386,6 +412,11 @@ def reproduce(recorded_log: Path, steps: int, data_dir) -> int:
     recorded = {r["step"]: r for r in lines[1:] if "loss" in r and r["step"] <= steps}
     if not recorded:
         fail(f"{recorded_log} logs no training loss within the first {steps} steps: raise --reproduce-steps")
+    group = mx.distributed.init()
+    recorded_world = header["config"].get("world_size", 1)
+    if recorded_world != group.size():
+        fail(f"{recorded_log} was recorded on {recorded_world} process(es), this is {group.size()}: "
+             f"run mlx.launch -n {recorded_world} -- python train.py --reproduce {recorded_log}")
     args = argparse.Namespace(**config)
     paths = {"data_dir": data_dir or default_data_dir(), "cache_dir": Path(config["cache_dir"]) if config.get("cache_dir") else None}
     blas.set_threads(config.get("blas_threads", 1))
@@ -398,6 +429,8 @@ def reproduce(recorded_log: Path, steps: int, data_dir) -> int:
             args.cache_dir = build_parser().get_default("cache_dir")
         print(f"reproducing {recorded_log}: {header['command']} (first {steps} steps)")
         train(args, f"python train.py --reproduce {recorded_log}")
+        if group.rank() > 0:  # rank 0 wrote the log and compares
+            return 0
         rerun = {r["step"]: r for r in map(json.loads, (Path(tmp) / "rerun.jsonl").read_text().splitlines()[1:])
                  if "loss" in r}
     mismatches = []

@@ -134,7 +134,7 @@ def tokenizer(train_text: str, vocab_size: int, model_type: str, cache_dir: Path
                      else str(e).splitlines()[-1])
             raise DataError(f"--vocab-size {vocab_size} does not fit this training text ({limit})") from None
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp")
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # processes of one launch may race here
         tmp.write_bytes(model.getvalue())
         os.replace(tmp, path)
     return spm.SentencePieceProcessor(model_file=str(path))

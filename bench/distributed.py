@@ -1,0 +1,67 @@
+"""Data-parallel throughput: train.py on 1 process against 2 under mlx.launch, in one run.
+
+    MLX_ADAGRAD_DATA=../shared/data python bench/distributed.py [--tasks mnist lm] [--rounds 2]
+
+Each cell runs the real recipe (`train.py --steps N`, default global batch) and reports the
+median of its logged samples/s (tokens/s for the LM), skipping the first record, which holds
+the compilation. The setups take turns for --rounds rounds so load on the machine hits all
+alike; the table shows the best round of each. On one machine the 2 processes share its
+cores, so this measures what data parallelism costs and gains there, not across machines.
+"""
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+REPO = Path(__file__).parents[1]
+LAUNCH = Path(sys.executable).with_name("mlx.launch")
+STEPS = {"mnist": 400, "lm": 40}
+UNIT = {"mnist": "samples/s", "lm": "tokens/s"}
+SETUPS = {  # name: (processes, OpenBLAS threads per process)
+    "1 process, 1 BLAS thread": (1, 1),
+    "1 process, 2 BLAS threads": (1, 2),
+    "2 processes (ring), 1 BLAS thread each": (2, 1),
+}
+
+
+def throughput(task, processes, threads, tmp):
+    log = Path(tmp) / f"{task}-{processes}-{threads}.jsonl"
+    command = [sys.executable, str(REPO / "train.py"), "--task", task, "--steps", str(STEPS[task]),
+               "--blas-threads", str(threads), "--log-file", str(log)]
+    if processes > 1:
+        command = [str(LAUNCH), "-n", str(processes), "--backend", "ring", "--", *command]
+    subprocess.run(command, cwd=REPO, check=True, capture_output=True)
+    key = "tokens_per_s" if task == "lm" else "samples_per_s"
+    rates = [r[key] for r in map(json.loads, log.read_text().splitlines()[1:]) if key in r]
+    return statistics.median(rates[1:])
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tasks", nargs="+", choices=list(STEPS), default=list(STEPS))
+    parser.add_argument("--rounds", type=int, default=2)
+    args = parser.parse_args()
+
+    best = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for round_ in range(args.rounds):
+            for task in args.tasks:
+                for name, (processes, threads) in SETUPS.items():
+                    rate = throughput(task, processes, threads, tmp)
+                    best[task, name] = max(best.get((task, name), 0.0), rate)
+                    print(f"round {round_ + 1}: {task}, {name}: {rate:,.0f} {UNIT[task]}", file=sys.stderr)
+
+    base = next(iter(SETUPS))
+    print("| setup | " + " | ".join(f"{task} {UNIT[task]} | vs 1 process" for task in args.tasks) + " |")
+    print("|---|" + "---|---|" * len(args.tasks))
+    for name in SETUPS:
+        cells = [f"{best[task, name]:,.0f} | {best[task, name] / best[task, base]:.2f}x" for task in args.tasks]
+        print(f"| {name} | " + " | ".join(cells) + " |")
+
+
+if __name__ == "__main__":
+    main()
