@@ -15,6 +15,17 @@ parameter ``w`` with gradient ``g`` at step ``t = 1, 2, ...``::
     w   <- w - lr_t * g / (sqrt(v) + eps)           ("stable-eps", the default)
     w   <- w - lr_t * g / sqrt(v + eps)             (eps_inside_sqrt=True)
 
+With l1 or l2 > 0, the paper's composite mirror descent (its proximal step) instead,
+with the per-coordinate step size a = lr_t / (sqrt(v) + eps)::
+
+    u   <- w - a * g
+    w   <- sign(u) * max(|u| - a * l1, 0) / (1 + a * l2)   (exact zeros where |u| <= a * l1)
+
+Row-wise (for embedding tables, as FBGEMM/TorchRec do it): one accumulator per row,
+``s <- s + mean(g_row * g_row)`` and ``w_row <- w_row - lr_t * g_row / (sqrt(s) + eps)``.
+Optimizer memory for a rows x dim table drops from rows x dim to rows. A row with a zero
+gradient keeps its accumulator (without weight_decay).
+
 Options:
     learning_rate             float, or a callable step -> lr (an ``mlx.optimizers`` schedule).
     eps                       > 0. Default 1e-8.
@@ -24,6 +35,12 @@ Options:
     eps_inside_sqrt           False: ``sqrt(v) + eps``; True: ``sqrt(v + eps)``.
     state_dtype               dtype ``v`` and the update are computed in for
                               float16 / bfloat16 parameters. Default float32.
+    l1, l2                    >= 0. Proximal L1 / L2 strengths (above). Default 0: the
+                              plain update, bit for bit.
+    rowwise                   None, or a predicate (path, parameter) -> bool choosing
+                              the parameters (of 2 or more dims) updated row-wise, e.g.
+                              ``rowwise=lambda path, p: path.endswith("embedding.weight")``.
+                              The paths are those of ``tree_flatten(parameters)``.
 
 How it relates to other libraries:
     * ``mlx.optimizers.Adagrad(lr, eps)``: with the defaults and float32 parameters
@@ -79,29 +96,39 @@ Saving and resuming::
     optimizer.state = tree_unflatten(list(mx.load("opt.safetensors").items()))
 """
 
-from typing import Callable, Union
+from typing import Callable, Optional, Union
 
 import mlx.core as mx
 from mlx.optimizers import Optimizer
+from mlx.utils import tree_flatten
 
 _LOW_PRECISION = (mx.float16, mx.bfloat16)
 
 
-def _make_update(eps: float, weight_decay: float, eps_inside_sqrt: bool):
+def _make_update(eps: float, weight_decay: float, eps_inside_sqrt: bool, l1: float, l2: float, rowwise: bool):
     """The per-parameter update as two fused kernels, one writing v and one writing w."""
 
     def update(parameter, gradient, v, lr):
         dtype = v.dtype
         w = parameter.astype(dtype)
         g = gradient.astype(dtype)
+        lr = lr.astype(dtype)
         if weight_decay:
             g = g + weight_decay * w
+        square = mx.square(g)
+        if rowwise:
+            square = square.mean(axis=tuple(range(1, g.ndim)), keepdims=True)
         # mx.contiguous (a no-op here) stops mx.compile from fusing both updates into one
         # two-output kernel: MLX never reuses the input buffers of a multi-output kernel,
         # so every step would allocate fresh w and v. Split, each kernel updates in place.
-        v = mx.contiguous(v + mx.square(g))
+        v = mx.contiguous(v + square)
         denominator = mx.sqrt(v + eps) if eps_inside_sqrt else mx.sqrt(v) + eps
-        w = w - lr.astype(dtype) * g / denominator
+        if l1 or l2:
+            step = lr / denominator
+            u = w - step * g
+            w = mx.sign(u) * mx.maximum(mx.abs(u) - step * l1, 0) / (1 + step * l2)
+        else:
+            w = w - lr * g / denominator
         return w.astype(parameter.dtype), v
 
     return mx.compile(update)
@@ -119,6 +146,9 @@ class Adagrad(Optimizer):
         weight_decay: float = 0.0,
         eps_inside_sqrt: bool = False,
         state_dtype: mx.Dtype = mx.float32,
+        l1: float = 0.0,
+        l2: float = 0.0,
+        rowwise: Optional[Callable[[str, mx.array], bool]] = None,
     ):
         super().__init__()
         if not callable(learning_rate) and learning_rate < 0:
@@ -129,6 +159,8 @@ class Adagrad(Optimizer):
             ("initial_accumulator_value", initial_accumulator_value),
             ("lr_decay", lr_decay),
             ("weight_decay", weight_decay),
+            ("l1", l1),
+            ("l2", l2),
         ]:
             if not value >= 0:
                 raise ValueError(f"Adagrad {name} must be >= 0, got {value}")
@@ -142,15 +174,31 @@ class Adagrad(Optimizer):
         self.weight_decay = weight_decay
         self.eps_inside_sqrt = eps_inside_sqrt
         self.state_dtype = state_dtype
-        self._update = _make_update(eps, weight_decay, eps_inside_sqrt)
+        self.l1, self.l2, self.rowwise = l1, l2, rowwise
+        self._update = {row: _make_update(eps, weight_decay, eps_inside_sqrt, l1, l2, row) for row in (False, True)}
+
+    def init(self, parameters: dict):
+        """Create the state: ``v`` like each parameter, or ``v_row`` of shape (rows, 1) where ``rowwise`` says."""
+        super().init(parameters)
+        for path, parameter in tree_flatten(parameters) if self.rowwise else []:
+            state = self.state
+            for key in path.split("."):
+                state = state[int(key)] if isinstance(state, list) else state[key]
+            if parameter.ndim >= 2 and self.rowwise(path, parameter) and "v_row" not in state:
+                del state["v"]  # never computed: MLX arrays are lazy
+                rows = (parameter.shape[0],) + (1,) * (parameter.ndim - 1)
+                state["v_row"] = mx.full(rows, self.initial_accumulator_value, self._state_dtype(parameter))
+
+    def _state_dtype(self, parameter):
+        return self.state_dtype if parameter.dtype in _LOW_PRECISION else parameter.dtype
 
     def init_single(self, parameter: mx.array, state: dict):
-        dtype = self.state_dtype if parameter.dtype in _LOW_PRECISION else parameter.dtype
-        state["v"] = mx.full(parameter.shape, self.initial_accumulator_value, dtype)
+        state["v"] = mx.full(parameter.shape, self.initial_accumulator_value, self._state_dtype(parameter))
 
     def apply_single(self, gradient: mx.array, parameter: mx.array, state: dict):
         lr = self.learning_rate
         if self.lr_decay:
             lr = lr / (1 + (self.step - 1).astype(lr.dtype) * self.lr_decay)
-        parameter, state["v"] = self._update(parameter, gradient, state["v"], lr)
+        key = "v_row" if "v_row" in state else "v"
+        parameter, state[key] = self._update[key == "v_row"](parameter, gradient, state[key], lr)
         return parameter
