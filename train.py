@@ -30,20 +30,22 @@ import mlx.core as mx  # noqa: E402
 import mlx.nn as nn  # noqa: E402
 import mlx.optimizers as optim  # noqa: E402
 import numpy as np  # noqa: E402
+from mlx.utils import tree_flatten  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 import checkpoint  # noqa: E402
 from adagrad import Adagrad  # noqa: E402
+from adagrad_da import AdagradDA  # noqa: E402
 from data import DataError, default_data_dir, mnist, text  # noqa: E402
 from models.cnn import CNN  # noqa: E402
 from models.mlp import MLP  # noqa: E402
 from models.transformer import Transformer  # noqa: E402
 
-OPTIMIZERS = ["adagrad", "mlx-adagrad", "sgd", "adam", "adamw"]
+OPTIMIZERS = ["adagrad", "mlx-adagrad", "adagrad-da", "sgd", "adam", "adamw"]
 # Chosen by sweeps on the default model of each task (README, "Choosing the defaults").
 DEFAULT_LR = {
-    "mnist": {"adagrad": 0.01, "mlx-adagrad": 0.01, "sgd": 0.05, "adam": 1e-3, "adamw": 1e-3},
-    "lm": {"adagrad": 0.005, "mlx-adagrad": 0.005, "sgd": 0.03, "adam": 1e-3, "adamw": 1e-3},
+    "mnist": {"adagrad": 0.01, "mlx-adagrad": 0.01, "adagrad-da": 0.01, "sgd": 0.05, "adam": 1e-3, "adamw": 1e-3},
+    "lm": {"adagrad": 0.005, "mlx-adagrad": 0.005, "adagrad-da": 0.005, "sgd": 0.03, "adam": 1e-3, "adamw": 1e-3},
 }
 DEFAULTS = {  # per task: dataset, model, batch size, epochs, schedule
     "mnist": dict(dataset="mnist", model="mlp", batch_size=128, schedule="cosine"),
@@ -61,13 +63,19 @@ def build_parser():
     p.add_argument("--model", choices=["mlp", "cnn", "transformer"], help="mnist: mlp 784-512-512-10 (default) | cnn; "
                                                                           "lm: transformer")
     p.add_argument("--optimizer", choices=OPTIMIZERS, default="adagrad",
-                   help="adagrad = ours (adagrad.py); mlx-adagrad = mlx.optimizers.Adagrad (default: adagrad)")
+                   help="adagrad = ours (adagrad.py); mlx-adagrad = mlx.optimizers.Adagrad; adagrad-da = dual "
+                        "averaging (adagrad_da.py) (default: adagrad)")
     p.add_argument("--lr", type=float, help="learning rate; defaults: " + "; ".join(
         f"{task}: " + ", ".join(f"{k} {v:g}" for k, v in lrs.items()) for task, lrs in DEFAULT_LR.items()))
     p.add_argument("--eps", type=float, help="epsilon of adagrad/adam/adamw (default: the optimizer's, 1e-8)")
     p.add_argument("--initial-accumulator-value", type=float, default=0.0, help="adagrad: v starts here (default 0)")
     p.add_argument("--lr-decay", type=float, default=0.0, help="adagrad: lr / (1 + (t-1) * lr_decay) (default 0)")
     p.add_argument("--weight-decay", type=float, default=0.0, help="adagrad/sgd: L2 added to g; adamw: decoupled (default 0)")
+    p.add_argument("--l1", type=float, default=0.0, help="adagrad: proximal L1; adagrad-da: L1 of dual averaging "
+                   "(default 0). Both give exact zeros")
+    p.add_argument("--l2", type=float, default=0.0, help="adagrad / adagrad-da: proximal L2 (default 0)")
+    p.add_argument("--rowwise-embeddings", action="store_true",
+                   help="adagrad: one accumulator per row of each nn.Embedding table (lm)")
     p.add_argument("--schedule", choices=["constant", "cosine"], help="learning-rate schedule (default: cosine)")
     p.add_argument("--warmup", type=int, default=0, help="linear warmup steps (default 0)")
     p.add_argument("--batch-size", type=int, help="default: mnist 128, lm 64")
@@ -129,13 +137,18 @@ def check_args(args):
     for name in positive:
         if not getattr(args, name) > 0:
             fail(f"--{name.replace('_', '-')} must be > 0, got {getattr(args, name)}")
-    for name in ["initial_accumulator_value", "lr_decay", "weight_decay", "warmup", "augment_shift", "sample"]:
+    for name in ["initial_accumulator_value", "lr_decay", "weight_decay", "warmup", "augment_shift", "sample", "l1", "l2"]:
         if not getattr(args, name) >= 0:
             fail(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
-    for name in ["initial_accumulator_value", "lr_decay"]:
+    for name in ["initial_accumulator_value", "lr_decay", "rowwise_embeddings"]:
         if getattr(args, name) and args.optimizer != "adagrad":
             fail(f"--{name.replace('_', '-')} is an option of --optimizer adagrad, not {args.optimizer}")
-    if args.weight_decay and args.optimizer in ("mlx-adagrad", "adam"):
+    for name in ["l1", "l2"]:
+        if getattr(args, name) and args.optimizer not in ("adagrad", "adagrad-da"):
+            fail(f"--{name} is an option of --optimizer adagrad or adagrad-da, not {args.optimizer}")
+    if args.rowwise_embeddings and args.task != "lm":
+        fail("--rowwise-embeddings needs a model with embedding tables: use it with --task lm")
+    if args.weight_decay and args.optimizer in ("mlx-adagrad", "adagrad-da", "adam"):
         fail(f"{args.optimizer} has no weight decay: use --optimizer adagrad or adamw")
     if args.dropout is not None and not 0 <= args.dropout < 1:
         fail(f"--dropout must be in [0, 1), got {args.dropout}")
@@ -155,11 +168,20 @@ def learning_rate(args, total_steps):
     return optim.join_schedules([optim.linear_schedule(0.0, args.lr, args.warmup), main], [args.warmup])
 
 
-def make_optimizer(args, lr):
+def embedding_tables(model):
+    """A predicate for Adagrad(rowwise=...): true for the weights of the model's nn.Embedding layers."""
+    paths = {f"{name}.weight" for name, module in model.named_modules() if isinstance(module, nn.Embedding)}
+    return lambda path, parameter: path in paths
+
+
+def make_optimizer(args, lr, model):
     eps = {} if args.eps is None else {"eps": args.eps}
     if args.optimizer == "adagrad":
         return Adagrad(lr, initial_accumulator_value=args.initial_accumulator_value, lr_decay=args.lr_decay,
-                       weight_decay=args.weight_decay, **eps)
+                       weight_decay=args.weight_decay, l1=args.l1, l2=args.l2,
+                       rowwise=embedding_tables(model) if args.rowwise_embeddings else None, **eps)
+    if args.optimizer == "adagrad-da":
+        return AdagradDA(lr, l1=args.l1, l2=args.l2, **eps)
     if args.optimizer == "mlx-adagrad":
         return optim.Adagrad(lr, **eps)
     if args.optimizer == "sgd":
@@ -306,10 +328,13 @@ def train(args, command):
         fail(str(e))
     model, batches = task.model, task.batches
     try:
-        optimizer = make_optimizer(args, learning_rate(args, args.epochs * batches.per_epoch))
+        optimizer = make_optimizer(args, learning_rate(args, args.epochs * batches.per_epoch), model)
     except ValueError as e:
         fail(str(e))
     optimizer.init(model.trainable_parameters())
+    state_bytes = sum(v.nbytes for _, v in tree_flatten(optimizer.state))
+    say(f"{args.optimizer}: optimizer state {state_bytes / 2**20:.2f} MiB for "
+        f"{sum(v.size for _, v in tree_flatten(model.trainable_parameters())):,} parameters")
     header = run_header(args, command, world)
     config = header["config"]
     if rank > 0:  # same initial weights on every process, but its own dropout and augmentation draws
@@ -388,6 +413,11 @@ def train(args, command):
             say(f"epoch {trained_epoch}: step {step}, train loss {loss:.4f}, {summary}, {seen / seconds:.0f} {task.unit}/s")
     if args.checkpoint_dir and last_saved != step:
         save_checkpoint(epoch, start_batch)
+    if args.l1:
+        weights = [v for _, v in tree_flatten(model.trainable_parameters())]
+        zeros = sum((v == 0).sum().item() for v in weights)
+        say(f"L1: {zeros:,} of {sum(v.size for v in weights):,} weights are exactly zero "
+            f"({100 * zeros / sum(v.size for v in weights):.1f}%)")
     if args.task == "lm" and args.sample and rank == 0:
         print(task.sample(model, args.sample, args.temperature))
     return model, optimizer
@@ -417,7 +447,8 @@ def reproduce(recorded_log: Path, steps: int, data_dir) -> int:
     if recorded_world != group.size():
         fail(f"{recorded_log} was recorded on {recorded_world} process(es), this is {group.size()}: "
              f"run mlx.launch -n {recorded_world} -- python train.py --reproduce {recorded_log}")
-    args = argparse.Namespace(**config)
+    args = build_parser().parse_args([])  # options newer than the log keep their defaults
+    vars(args).update(config)
     paths = {"data_dir": data_dir or default_data_dir(), "cache_dir": Path(config["cache_dir"]) if config.get("cache_dir") else None}
     blas.set_threads(config.get("blas_threads", 1))
     same_machine = all(header.get(k) == v for k, v in {"platform": platform.platform(), "mlx": mx.__version__,

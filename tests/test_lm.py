@@ -222,3 +222,12 @@ def test_real_text_short_run(tmp_path, dataset):
     # learn the unigram statistics, which takes the loss well below that.
     assert final["val_loss"] < 5.5
     assert ("test_word_ppl" in final) == (dataset == "ptb")
+
+
+def test_rowwise_embeddings_keep_one_accumulator_per_token(tmp_path, corpus):
+    ckpt = tmp_path / "ckpt"
+    run_lm(tmp_path, "--dataset", str(corpus), "--steps", "4", "--rowwise-embeddings", "--checkpoint-dir", str(ckpt))
+    saved = mx.load(str(ckpt / "checkpoint.safetensors"))
+    vocab, dim = saved["model.embedding.weight"].shape
+    assert saved["optimizer.embedding.weight.v_row"].shape == (vocab, 1) and dim == 32
+    assert "optimizer.embedding.weight.v" not in saved and any(k.endswith(".v") for k in saved)  # the rest stays dense
