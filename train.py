@@ -44,14 +44,15 @@ from models.transformer import Transformer  # noqa: E402
 OPTIMIZERS = ["adagrad", "mlx-adagrad", "adagrad-da", "sgd", "adam", "adamw"]
 # Chosen by sweeps on the default model of each task (README, "Choosing the defaults").
 DEFAULT_LR = {
-    "mnist": {"adagrad": 0.01, "mlx-adagrad": 0.01, "adagrad-da": 0.01, "sgd": 0.05, "adam": 1e-3, "adamw": 1e-3},
-    "lm": {"adagrad": 0.005, "mlx-adagrad": 0.005, "adagrad-da": 0.005, "sgd": 0.03, "adam": 1e-3, "adamw": 1e-3},
+    "mlp": {"adagrad": 0.01, "mlx-adagrad": 0.01, "adagrad-da": 0.01, "sgd": 0.05, "adam": 1e-3, "adamw": 1e-3},
+    "cnn": {"adagrad": 0.03, "mlx-adagrad": 0.03, "adagrad-da": 0.01, "sgd": 0.05, "adam": 1e-3, "adamw": 1e-3},
+    "transformer": {"adagrad": 0.005, "mlx-adagrad": 0.005, "adagrad-da": 0.005, "sgd": 0.03, "adam": 1e-3, "adamw": 1e-3},
 }
 DEFAULTS = {  # per task: dataset, model, batch size, epochs, schedule
     "mnist": dict(dataset="mnist", model="mlp", batch_size=128, schedule="cosine"),
     "lm": dict(dataset="tinyshakespeare", model="transformer", batch_size=64, schedule="cosine"),
 }
-MNIST_EPOCHS = {"mlp": 24, "cnn": 4}
+MNIST_EPOCHS = {"mlp": 24, "cnn": 12}
 LM_EPOCHS = {"tinyshakespeare": 4, "ptb": 1}  # about 10 minutes each on a 2-core CPU; other text: 1
 
 
@@ -66,7 +67,7 @@ def build_parser():
                    help="adagrad = ours (adagrad.py); mlx-adagrad = mlx.optimizers.Adagrad; adagrad-da = dual "
                         "averaging (adagrad_da.py) (default: adagrad)")
     p.add_argument("--lr", type=float, help="learning rate; defaults: " + "; ".join(
-        f"{task}: " + ", ".join(f"{k} {v:g}" for k, v in lrs.items()) for task, lrs in DEFAULT_LR.items()))
+        f"{model}: " + ", ".join(f"{k} {v:g}" for k, v in lrs.items()) for model, lrs in DEFAULT_LR.items()))
     p.add_argument("--eps", type=float, help="epsilon of adagrad/adam/adamw (default: the optimizer's, 1e-8)")
     p.add_argument("--initial-accumulator-value", type=float, default=0.0, help="adagrad: v starts here (default 0)")
     p.add_argument("--lr-decay", type=float, default=0.0, help="adagrad: lr / (1 + (t-1) * lr_decay) (default 0)")
@@ -83,7 +84,7 @@ def build_parser():
                                               "(an lm epoch is about one pass over the training tokens)")
     p.add_argument("--steps", type=int, help="stop after this many steps in all (the schedule still spans --epochs)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--dropout", type=float, help="dropout probability (default: mlp 0.2, cnn 0.25, transformer 0.1)")
+    p.add_argument("--dropout", type=float, help="dropout probability (default: mlp 0.2, cnn 0.5, transformer 0.1)")
     p.add_argument("--no-compile", action="store_true", help="run the step eagerly (bit-identical, slower)")
     p.add_argument("--blas-threads", type=int, default=1, help="OpenBLAS threads (default 1: bit-reproducible; "
                    "2 trains the LM ~1.4x faster but runs may differ in the last bits)")
@@ -104,8 +105,11 @@ def build_parser():
     lm.add_argument("--heads", type=int, default=4)
     lm.add_argument("--context", type=int, default=64, help="tokens per training window")
     lm.add_argument("--positions", choices=["rope", "learned"], default="rope")
-    lm.add_argument("--vocab-size", type=int, default=1024, help="SentencePiece vocabulary (default 1024)")
-    lm.add_argument("--tokenizer", choices=["bpe", "unigram"], default="bpe")
+    lm.add_argument("--tokenizer", choices=["bpe", "unigram", "word"],
+                    help="SentencePiece model (default: word for ptb, a word-level corpus with a closed vocabulary; "
+                         "else bpe)")
+    lm.add_argument("--vocab-size", type=int, help="tokenizer vocabulary (default: bpe/unigram 1024; word: every "
+                                                   "word of the training text)")
     lm.add_argument("--cache-dir", type=Path, default=Path.home() / ".cache" / "mlx-adagrad-tokenizers",
                     help="where trained tokenizers are kept")
     lm.add_argument("--sample", type=int, default=0, help="print N tokens sampled from the model at the end")
@@ -125,7 +129,11 @@ def check_args(args):
             setattr(args, key, value)
     if args.epochs is None:
         args.epochs = MNIST_EPOCHS[args.model] if args.task == "mnist" else LM_EPOCHS.get(args.dataset, 1)
-    args.lr = DEFAULT_LR[args.task][args.optimizer] if args.lr is None else args.lr
+    args.lr = DEFAULT_LR[args.model][args.optimizer] if args.lr is None else args.lr
+    if args.task == "lm":
+        args.tokenizer = args.tokenizer or ("word" if args.dataset == "ptb" else "bpe")
+        if args.vocab_size is None and args.tokenizer != "word":
+            args.vocab_size = 1024
     args.data_dir = args.data_dir or default_data_dir()
     if args.task == "mnist" and args.dataset not in mnist.SHA256:
         fail(f"--dataset {args.dataset} is not an image dataset: choose {', '.join(mnist.SHA256)} (or --task lm)")
@@ -265,7 +273,7 @@ def setup_lm(args):
             logits = model(mx.array([ids[-args.context:]]))[0, -1]
             key, subkey = mx.random.split(key)
             ids.append(mx.random.categorical(logits / temperature, key=subkey).item())
-        return sp.decode(ids[1:])
+        return text.decode(sp, ids[1:])
 
     return SimpleNamespace(
         model=model, evaluate=evaluate, unit="tokens", per_batch=lambda batch: batch[1].size, sample=sample,

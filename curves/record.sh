@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Re-record every run in curves/ (about 1.5 hours on a 2-core CPU), then draw the plots.
+# Re-record every run in curves/ (about 2 hours on a 2-core CPU), then draw the plots.
 # Needs the data in $MLX_ADAGRAD_DATA (or ~/.cache/mlx-adagrad) and matplotlib for the plots.
 set -euo pipefail
 cd "$(dirname "$0")/.."

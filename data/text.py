@@ -111,19 +111,24 @@ def load_splits(dataset: str, data_dir: Path) -> dict:
 # Tokenizer
 
 
-def tokenizer(train_text: str, vocab_size: int, model_type: str, cache_dir: Path):
+def tokenizer(train_text: str, vocab_size, model_type: str, cache_dir: Path):
     """A SentencePiece model trained on `train_text` only, cached under a hash of (text, settings).
 
     Byte fallback encodes any text; "\\n" is a symbol of its own and no whitespace is
-    normalised, so decode(encode(text)) == text.
+    normalised, so decode(encode(text)) == text. vocab_size None (model_type "word" only)
+    keeps every word of the training text.
     """
     import sentencepiece as spm
 
     settings = dict(vocab_size=vocab_size, model_type=model_type, byte_fallback=True, character_coverage=1.0,
                     normalization_rule_name="identity", remove_extra_whitespaces=False, add_dummy_prefix=False,
                     user_defined_symbols=["\n"], split_digits=True, num_threads=2, minloglevel=2)
+    if model_type == "word":  # PTB writes unknown words as "<unk>", SentencePiece's own name: keep it a word
+        settings["unk_piece"] = "<sp-unk>"
+        if vocab_size is None:
+            settings.update(vocab_size=1 << 24, hard_vocab_limit=False)
     key = hashlib.sha256(train_text.encode() + json.dumps(settings, sort_keys=True).encode()).hexdigest()[:20]
-    path = Path(cache_dir) / f"{model_type}-{vocab_size}-{key}.model"
+    path = Path(cache_dir) / f"{model_type}-{vocab_size or 'all'}-{key}.model"
     if not path.exists():
         model = io.BytesIO()
         try:
@@ -143,6 +148,11 @@ def tokenizer(train_text: str, vocab_size: int, model_type: str, cache_dir: Path
 def encode(sp, text: str) -> np.ndarray:
     """Token ids as int32, with a beginning-of-text token first so that every real token is predicted."""
     return np.array([sp.bos_id(), *sp.encode(text)], np.int32)
+
+
+def decode(sp, ids) -> str:
+    """Text of token ids. The word model spells the spaces of byte-encoded (unseen) words as "\u2581": undone here."""
+    return sp.decode(ids).replace("\u2581", " ")
 
 
 def word_count(text: str) -> int:

@@ -5,7 +5,7 @@ import mlx.nn as nn
 class CNN(nn.Module):
     """Two 3x3 conv + max-pool blocks (32, 64 channels), then 128 hidden units; takes uint8 NHWC images."""
 
-    def __init__(self, channels=(32, 64), hidden=128, dropout=0.25, num_classes=10):
+    def __init__(self, channels=(32, 64), hidden=128, dropout=0.5, num_classes=10):
         super().__init__()
         self.convs = [nn.Conv2d(1, channels[0], 3, padding=1), nn.Conv2d(channels[0], channels[1], 3, padding=1)]
         self.pool = nn.MaxPool2d(2, 2)

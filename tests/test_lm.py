@@ -53,7 +53,7 @@ def test_tokenizer_round_trips_any_text_and_is_cached(tmp_path, monkeypatch):
     train_text = make_text()
     sp = text.tokenizer(train_text, 300, "bpe", tmp_path)
     for sample in [train_text, "Unseen: é ü 你好 \t  two  spaces\n\nblank lines\n", "x"]:
-        assert sp.decode(sp.encode(sample)) == sample
+        assert text.decode(sp, sp.encode(sample)) == sample
     assert len(list(tmp_path.iterdir())) == 1
 
     import sentencepiece as spm
@@ -80,6 +80,28 @@ def test_vocab_size_the_text_cannot_support(tmp_path):
         text.tokenizer(make_text(lines=50), 50000, "bpe", tmp_path)
     with pytest.raises(DataError, match=r"--vocab-size 100 does not fit .*at least \d+"):
         text.tokenizer(make_text(lines=50), 100, "bpe", tmp_path)
+
+
+def ptb_like(seed=0, lines=300):
+    """make_text in PTB's layout: a space before every word and before the newline, <unk> for rare words."""
+    return "".join(f" {line.replace(' ,', ' <unk>')} \n" for line in make_text(seed, lines).splitlines())
+
+
+def test_word_tokenizer_keeps_every_word_and_ptb_unk(tmp_path):
+    train_text = ptb_like()
+    sp = text.tokenizer(train_text, None, "word", tmp_path)
+    assert all(sp.piece_to_id("\u2581" + word) != sp.unk_id() for word in set(train_text.split()))
+    assert [sp.id_to_piece(i) for i in sp.encode(" the cat <unk> \n")] == ["\u2581the", "\u2581cat", "\u2581<unk>", "\u2581\n"]
+    for sample in [train_text, " an unseen wörd \n"]:  # unseen words fall back to bytes
+        assert text.decode(sp, sp.encode(sample)) == sample
+
+
+def test_ptb_defaults_to_words_and_other_text_to_bpe():
+    for argv, tokenizer, vocab in [(["--dataset", "ptb"], "word", None), ([], "bpe", 1024),
+                                   (["--dataset", "ptb", "--tokenizer", "bpe"], "bpe", 1024)]:
+        args = train.build_parser().parse_args(["--task", "lm", *argv])
+        train.check_args(args)
+        assert (args.tokenizer, args.vocab_size) == (tokenizer, vocab)
 
 
 # ---------------------------------------------------------------------------------------
@@ -113,8 +135,8 @@ def test_metrics_by_hand_on_a_uniform_model(tmp_path):
     ptb.mkdir()
     for split in ("train", "valid", "test"):
         (ptb / f"ptb.{split}.txt").write_text(make_text(seed=len(split)).replace(",", "<unk>"))
-    args = train.build_parser().parse_args([*TINY_MODEL, "--dataset", "ptb", "--data-dir", str(tmp_path),
-                                            "--cache-dir", str(tmp_path / "cache")])
+    args = train.build_parser().parse_args([*TINY_MODEL, "--dataset", "ptb", "--tokenizer", "bpe", "--data-dir",
+                                            str(tmp_path), "--cache-dir", str(tmp_path / "cache")])
     train.check_args(args)
     task = train.setup_lm(args)
     vocab = task.model.embedding.weight.shape[0]
@@ -133,6 +155,20 @@ def test_metrics_by_hand_on_a_uniform_model(tmp_path):
     assert metrics["val_nats_per_char"] == pytest.approx(n_tokens * math.log(vocab) / n_chars, rel=1e-6)
     assert metrics["val_word_ppl"] == pytest.approx(vocab ** (n_tokens / n_words), rel=1e-5)
     assert {"test_loss", "test_nats_per_char", "test_word_ppl"} <= set(metrics)
+
+
+def test_word_level_ptb_perplexity_is_the_exponential_of_the_token_loss(tmp_path):
+    """With one token per word and per line end, PTB's word perplexity is exp(loss per token), exactly."""
+    for split in ("train", "valid", "test"):
+        (tmp_path / "ptb").mkdir(exist_ok=True)
+        (tmp_path / "ptb" / f"ptb.{split}.txt").write_text(ptb_like(seed=len(split)))
+    args = train.build_parser().parse_args([*TINY_MODEL[:-2], "--dataset", "ptb", "--data-dir", str(tmp_path),  # [:-2]: no --vocab-size
+                                            "--cache-dir", str(tmp_path / "cache")])
+    train.check_args(args)
+    task = train.setup_lm(args)
+    metrics, _ = task.evaluate(task.model, final=True)
+    for split in ("val", "test"):
+        assert metrics[f"{split}_word_ppl"] == pytest.approx(math.exp(metrics[f"{split}_loss"]), rel=1e-12)
 
 
 # ---------------------------------------------------------------------------------------

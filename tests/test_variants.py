@@ -10,7 +10,7 @@ from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
 from adagrad import Adagrad
 from adagrad_da import AdagradDA
-from tests.test_adagrad import assert_trees_equal, gradient_sequence, nested_tree, run
+from tests.test_adagrad import assert_trees_equal, gradient_sequence, nested_tree, run, train
 
 LR, EPS, L1, L2 = 0.1, 1e-8, 0.02, 0.05
 EMBEDDING = lambda path, p: path.startswith("embedding")  # noqa: E731 - the row-wise predicate of these tests
@@ -142,15 +142,6 @@ def make_training(kind, compiled, state_from=None):
         return loss
 
     return model, optimizer, state, partial(mx.compile, inputs=state, outputs=state)(step) if compiled else step
-
-
-def train(step, state, data):
-    losses = []
-    for x, y in data:
-        loss = step(x, y)
-        mx.eval(state, loss)
-        losses.append(loss.item())
-    return losses
 
 
 @pytest.mark.parametrize("kind", list(MAKE))
