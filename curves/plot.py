@@ -45,7 +45,7 @@ def plot(png, title, pattern, metric, metric_label):
         return
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
     scale = 100 if metric == "test_acc" else 1
-    finals = {}
+    finals, evaluations = {}, 0
     for path in runs:
         header, steps, evals = read(path)
         label = f"{header['config']['optimizer']} (lr {header['config']['lr']:g})"
@@ -53,13 +53,13 @@ def plot(png, title, pattern, metric, metric_label):
         loss, skip = smooth([r["loss"] for r in steps])
         left.plot([r["step"] for r in steps][skip:], loss, label=label, linewidth=1.2, **style)
         right.plot([r["step"] for r in evals], [scale * r[metric] for r in evals], marker="o", label=label, **style)
-        finals[label] = scale * evals[-1][metric]
+        finals[label], evaluations = scale * evals[-1][metric], max(evaluations, len(evals))
     unit = "nats per token" if "lm" in png else "nats per image"
     left.set(xlabel="step", ylabel=f"training loss ({unit}, smoothed)", yscale="log", title=title)
     left.yaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda y, _: f"{y:g}"))
     left.yaxis.set_minor_formatter(matplotlib.ticker.LogFormatter(labelOnlyBase=False, minor_thresholds=(1, 0.4)))
     right.set(xlabel="step", ylabel=metric_label, title=title)
-    if max(len(read(path)[2]) for path in runs) == 1:  # one evaluation per run (one epoch): bars, not dots
+    if evaluations == 1:  # one evaluation per run (one epoch): bars, not dots
         right.clear()
         bars = right.bar(range(len(finals)), list(finals.values()), color=[f"C{i}" for i in range(len(finals))])
         right.bar_label(bars, fmt="%.1f")
