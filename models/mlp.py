@@ -5,7 +5,7 @@ import mlx.nn as nn
 class MLP(nn.Module):
     """784 -> hidden -> ... -> 10 with ReLU and dropout; takes uint8 NHWC images."""
 
-    def __init__(self, hidden=(512, 512), dropout=0.2, num_classes=10):
+    def __init__(self, hidden=(512, 512), dropout=0.1, num_classes=10):
         super().__init__()
         sizes = [28 * 28, *hidden]
         self.layers = [nn.Linear(i, o) for i, o in zip(sizes[:-1], sizes[1:])]

@@ -48,7 +48,7 @@ class Transformer(nn.Module):
     positions="rope" rotates queries and keys (nn.RoPE); "learned" adds a position embedding.
     """
 
-    def __init__(self, vocab_size: int, context: int, layers: int = 4, dim: int = 256, heads: int = 4,
+    def __init__(self, vocab_size: int, context: int, layers: int = 4, dim: int = 128, heads: int = 4,
                  dropout: float = 0.1, positions: str = "rope"):
         super().__init__()
         if dim % heads:

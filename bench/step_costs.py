@@ -1,0 +1,97 @@
+"""Where a step's time goes on MLX's CPU backend: the parts beside the matmuls, in one run.
+
+    python bench/step_costs.py [--steps 50]
+
+MNIST MLP (batch 128): the compiled training step as train.py builds it, then with one part
+removed at a time (augmentation shift, dropout, Adagrad replaced by plain SGD). PTB output layer
+(2,048 words, 128 wide, 10,261 words): the compiled forward and backward of its matmul alone and
+with the cross-entropy. The variants take turns so load on the machine hits all alike; each cell
+is the median.
+"""
+
+import argparse
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import blas  # noqa: E402
+
+BLAS = blas.load_optimized_blas()
+
+import mlx.core as mx  # noqa: E402
+import mlx.nn as nn  # noqa: E402
+import mlx.optimizers as optim  # noqa: E402
+import numpy as np  # noqa: E402
+
+from adagrad import Adagrad  # noqa: E402
+from data.mnist import random_shift  # noqa: E402
+from models.mlp import MLP  # noqa: E402
+
+
+def mlp_step(dropout, make_optimizer, shift):
+    rng = np.random.default_rng(0)
+    x = mx.array(rng.integers(0, 256, (128, 28, 28, 1), dtype=np.uint8))
+    y = mx.array(rng.integers(0, 10, 128).astype(np.int32))
+    mx.random.seed(0)
+    model, optimizer = MLP(dropout=dropout), make_optimizer()
+    optimizer.init(model.trainable_parameters())
+    state = [model.state, optimizer.state, mx.random.state]
+
+    def loss_fn(model, x, y):
+        return nn.losses.cross_entropy(model(random_shift(x, shift)), y, reduction="mean")
+
+    def step(x, y):
+        loss, grads = nn.value_and_grad(model, loss_fn)(model, x, y)
+        optimizer.update(model, grads)
+        return loss
+
+    step = mx.compile(step, inputs=state, outputs=state)
+    return lambda: mx.eval(step(x, y), state)
+
+
+def output_layer(with_cross_entropy, words=2048, dim=128, vocab=10261):
+    hidden, weight = mx.random.normal((words, dim)), 0.02 * mx.random.normal((vocab, dim))
+    targets = mx.random.randint(0, vocab, (words,))
+
+    def loss(weight, hidden):
+        logits = hidden @ weight.T
+        return nn.losses.cross_entropy(logits, targets, reduction="mean") if with_cross_entropy else logits.sum()
+
+    grad = mx.compile(mx.value_and_grad(loss, argnums=(0, 1)))
+    return lambda: mx.eval(grad(weight, hidden))
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=50)
+    args = parser.parse_args()
+    blas.set_threads(1)
+    cases = {
+        "MLP step: shift 1, dropout 0.1, Adagrad (train.py)": mlp_step(0.1, lambda: Adagrad(0.01), 1),
+        "MLP step: no shift": mlp_step(0.1, lambda: Adagrad(0.01), 0),
+        "MLP step: no dropout": mlp_step(0.0, lambda: Adagrad(0.01), 1),
+        "MLP step: SGD instead of Adagrad": mlp_step(0.1, lambda: optim.SGD(0.01), 1),
+        "MLP step: none of the three": mlp_step(0.0, lambda: optim.SGD(0.01), 0),
+        "PTB output layer: matmuls, forward + backward": output_layer(False),
+        "PTB output layer: matmuls + cross-entropy": output_layer(True),
+    }
+    times = {name: [] for name in cases}
+    for run in cases.values():
+        for _ in range(3):  # warm up: JIT builds, allocator caches
+            run()
+    for _ in range(args.steps // 5):
+        for name, run in cases.items():
+            for _ in range(5):
+                start = time.perf_counter()
+                run()
+                times[name].append(time.perf_counter() - start)
+    print(f"BLAS: {BLAS}, 1 thread; mlx {mx.__version__}")
+    print("| case | median ms |")
+    print("|---|---|")
+    for name, t in times.items():
+        print(f"| {name} | {1e3 * float(np.median(t)):.2f} |")
+
+
+if __name__ == "__main__":
+    main()
