@@ -90,7 +90,7 @@ def build_parser():
                    help=f"dropout probability (default: {', '.join(f'{k} {v}' for k, v in DROPOUT.items())})")
     p.add_argument("--no-compile", action="store_true", help="run the step eagerly (bit-identical, slower)")
     p.add_argument("--blas-threads", type=int, default=1, help="OpenBLAS threads (default 1: bit-reproducible; "
-                   "2 trains the LM ~1.4x faster but runs may differ in the last bits)")
+                   "2 trains the LM ~1.25x faster but runs may differ in the last bits)")
     p.add_argument("--data-dir", type=Path, default=None, help="default: $MLX_ADAGRAD_DATA, else ~/.cache/mlx-adagrad")
     p.add_argument("--log-file", type=Path, help="write JSONL: a config line, then step and evaluation lines")
     p.add_argument("--log-every", type=int, default=10, help="log the mean training loss every N steps (default 10)")
@@ -104,10 +104,10 @@ def build_parser():
     mnist_options.add_argument("--augment-shift", type=int, help="shift training images by up to N pixels, 0: off "
                                f"(default: {', '.join(f'{k} {v}' for k, v in AUGMENT_SHIFT.items())})")
     lm = p.add_argument_group("lm")
-    lm.add_argument("--layers", type=int, default=4)
-    lm.add_argument("--dim", type=int, default=128)
-    lm.add_argument("--heads", type=int, default=4)
-    lm.add_argument("--context", type=int, default=64, help="tokens per training window")
+    lm.add_argument("--layers", type=int, default=4, help="transformer blocks (default 4)")
+    lm.add_argument("--dim", type=int, default=128, help="model width (default 128)")
+    lm.add_argument("--heads", type=int, default=4, help="attention heads (default 4)")
+    lm.add_argument("--context", type=int, default=64, help="tokens per training window (default 64)")
     lm.add_argument("--positions", choices=["rope", "learned"], default="rope")
     lm.add_argument("--tokenizer", choices=["bpe", "unigram", "word"],
                     help="SentencePiece model (default: word for ptb, a word-level corpus with a closed vocabulary; "
