@@ -166,7 +166,7 @@ def check_args(args):
         fail("--rowwise-embeddings needs a model with embedding tables: use it with --task lm")
     if args.weight_decay and args.optimizer in ("mlx-adagrad", "adagrad-da", "adam"):
         fail(f"{args.optimizer} has no weight decay: use --optimizer adagrad or adamw")
-    if args.dropout is not None and not 0 <= args.dropout < 1:
+    if not 0 <= args.dropout < 1:
         fail(f"--dropout must be in [0, 1), got {args.dropout}")
     if args.dim % args.heads:
         fail(f"--dim {args.dim} must be a multiple of --heads {args.heads}")
@@ -464,8 +464,6 @@ def reproduce(recorded_log: Path, steps: int, data_dir) -> int:
              f"run mlx.launch -n {recorded_world} -- python train.py --reproduce {recorded_log}")
     args = build_parser().parse_args([])  # options newer than the log keep their defaults
     vars(args).update(config)
-    if args.dropout is None:  # older logs left it to the model, whose default was this one (cnn, transformer)
-        args.dropout = DROPOUT[args.model]
     paths = {"data_dir": data_dir or default_data_dir(), "cache_dir": Path(config["cache_dir"]) if config.get("cache_dir") else None}
     blas.set_threads(config.get("blas_threads", 1))
     same_machine = all(header.get(k) == v for k, v in {"platform": platform.platform(), "mlx": mx.__version__,
@@ -475,6 +473,7 @@ def reproduce(recorded_log: Path, steps: int, data_dir) -> int:
                           sample=0, reproduce=None)
         if args.cache_dir is None or not args.cache_dir.parent.exists():
             args.cache_dir = build_parser().get_default("cache_dir")
+        check_args(args)  # fills what an older log left to the defaults of its time (e.g. dropout: None)
         print(f"reproducing {recorded_log}: {header['command']} (first {steps} steps)")
         train(args, f"python train.py --reproduce {recorded_log}")
         if group.rank() > 0:  # rank 0 wrote the log and compares

@@ -5,14 +5,12 @@
 MNIST MLP (batch 128): the compiled training step as train.py builds it, then with one part
 removed at a time (augmentation shift, dropout, Adagrad replaced by plain SGD). PTB output layer
 (2,048 words, 128 wide, 10,261 words): the compiled forward and backward of its matmul alone and
-with the cross-entropy. The variants take turns so load on the machine hits all alike; each cell
-is the median.
+with the cross-entropy. Timed as bench/train_step.py times its variants: in turns, median.
 """
 
 import argparse
 import os
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import blas  # noqa: E402
@@ -25,6 +23,7 @@ import mlx.optimizers as optim  # noqa: E402
 import numpy as np  # noqa: E402
 
 from adagrad import Adagrad  # noqa: E402
+from bench.train_step import median_seconds  # noqa: E402
 from data.mnist import random_shift  # noqa: E402
 from models.mlp import MLP  # noqa: E402
 
@@ -76,21 +75,12 @@ def main():
         "PTB output layer: matmuls, forward + backward": output_layer(False),
         "PTB output layer: matmuls + cross-entropy": output_layer(True),
     }
-    times = {name: [] for name in cases}
-    for run in cases.values():
-        for _ in range(3):  # warm up: JIT builds, allocator caches
-            run()
-    for _ in range(args.steps // 5):
-        for name, run in cases.items():
-            for _ in range(5):
-                start = time.perf_counter()
-                run()
-                times[name].append(time.perf_counter() - start)
+    seconds = median_seconds(cases, args.steps)
     print(f"BLAS: {BLAS}, 1 thread; mlx {mx.__version__}")
     print("| case | median ms |")
     print("|---|---|")
-    for name, t in times.items():
-        print(f"| {name} | {1e3 * float(np.median(t)):.2f} |")
+    for name, t in seconds.items():
+        print(f"| {name} | {1e3 * t:.2f} |")
 
 
 if __name__ == "__main__":

@@ -142,6 +142,22 @@ def torch_stepper(model_name, images, labels, threads):
     return run
 
 
+def median_seconds(runs, steps):
+    """Median seconds of each callable in `runs` over `steps` calls, after 5 warm-up calls (JIT
+    builds, allocator caches). They take turns, 5 calls at a time, so load on the machine hits all alike."""
+    for run in runs.values():
+        for _ in range(5):
+            run()
+    times = {name: [] for name in runs}
+    for _ in range(steps // 5):
+        for name, run in runs.items():
+            for _ in range(5):
+                start = time.perf_counter()
+                run()
+                times[name].append(time.perf_counter() - start)
+    return {name: float(np.median(t)) for name, t in times.items()}
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", nargs="+", default=["mlp", "cnn", "lm"], choices=["mlp", "cnn", "lm"])
@@ -168,18 +184,7 @@ def main():
         if torch_version:
             steppers[names[3]] = torch_stepper(model_name, images, labels, 1)
             steppers[names[4]] = torch_stepper(model_name, images, labels, 2)
-        times = {name: [] for name in steppers}
-        for run in steppers.values():
-            for _ in range(5):  # warm up: JIT builds, allocator caches
-                run()
-        for _ in range(args.steps // 5):
-            for name, run in steppers.items():
-                for _ in range(5):
-                    start = time.perf_counter()
-                    run()
-                    times[name].append(time.perf_counter() - start)
-        per_step = labels.size
-        rate = {name: per_step / float(np.median(t)) for name, t in times.items()}
+        rate = {name: labels.size / seconds for name, seconds in median_seconds(steppers, args.steps).items()}
         ratios = [f"{rate[names[0]] / rate[names[3]]:.2f}x", f"{rate[names[1]] / rate[names[4]]:.2f}x"] if torch_version else ["-", "-"]
         unit = "tokens/s" if model_name == "lm" else "samples/s"
         print(f"| {model_name} | {unit} | " + " | ".join(f"{rate[n]:,.0f}" for n in names) + " | " + " | ".join(ratios) + " |")

@@ -117,7 +117,7 @@ def random_shift(images, max_shift: int):
     """
     if not max_shift:
         return images
-    n, height, width, channels = images.shape
+    n, height, width, _ = images.shape
     padded = mx.pad(images, [(0, 0), (max_shift, max_shift), (max_shift, max_shift), (0, 0)])
     offsets = mx.random.randint(0, 2 * max_shift + 1, (2, n))
     rows = offsets[0][:, None] + mx.arange(height)

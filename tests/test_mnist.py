@@ -9,6 +9,7 @@ import threading
 import time
 from pathlib import Path
 
+import mlx.core as mx
 import numpy as np
 import pytest
 
@@ -125,7 +126,6 @@ def test_data_pipeline_order_is_the_seeded_permutation(tmp_path):
 
 
 def test_random_shift_translates_each_image_with_zero_fill():
-    import mlx.core as mx
     images = np.random.default_rng(0).integers(1, 256, (64, 28, 28, 1), dtype=np.uint8)  # no zeros: fill is visible
     mx.random.seed(5)
     shifted = np.array(mnist.random_shift(mx.array(images), max_shift=2))
