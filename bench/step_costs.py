@@ -3,12 +3,15 @@
     python bench/step_costs.py [--steps 50]
 
 MNIST MLP (batch 128): the compiled training step as train.py builds it, then with one part
-removed at a time (augmentation shift, dropout, Adagrad replaced by plain SGD). PTB output layer
-(2,048 words, 128 wide, 10,261 words): the compiled forward and backward of its matmul alone and
-with the cross-entropy. Timed as bench/train_step.py times its variants: in turns, median.
+removed at a time (augmentation shift, dropout, Adagrad replaced by plain SGD). The CNN's two
+convolutions (batch 128): forward, and forward with the gradients training needs. PTB output layer
+(1,024 words, one default batch; 128 wide, 10,261 words): the compiled forward and backward of its
+matmul alone, with MLX's cross-entropy, and with train.py's (which takes exp once a logit, not
+twice). Timed as bench/train_step.py times its variants: in turns, median.
 """
 
 import argparse
+from functools import partial
 import os
 import sys
 
@@ -25,7 +28,9 @@ import numpy as np  # noqa: E402
 from adagrad import Adagrad  # noqa: E402
 from bench.train_step import median_seconds  # noqa: E402
 from data.mnist import random_shift  # noqa: E402
+from models.cnn import CNN  # noqa: E402
 from models.mlp import MLP  # noqa: E402
+from train import softmax_cross_entropy  # noqa: E402
 
 
 def mlp_step(dropout, make_optimizer, shift):
@@ -49,13 +54,24 @@ def mlp_step(dropout, make_optimizer, shift):
     return lambda: mx.eval(step(x, y), state)
 
 
-def output_layer(with_cross_entropy, words=2048, dim=128, vocab=10261):
+def cnn_conv(layer, backward):
+    """One conv layer of models/cnn.py at batch 128: its forward, or its forward and the gradients a
+    training step needs (the weights'; for the second layer also the input's, which flows back)."""
+    weight = CNN().convs[layer].weight
+    x = mx.random.normal((128, 28, 28, 1) if layer == 0 else (128, 14, 14, 32))
+    if not backward:
+        return lambda: mx.eval(mx.conv2d(x, weight, padding=1))
+    grads = mx.compile(mx.grad(lambda w, x: mx.conv2d(x, w, padding=1).sum(), argnums=(0, 1) if layer else 0))
+    return lambda: mx.eval(grads(weight, x))
+
+
+def output_layer(cross_entropy, words=1024, dim=128, vocab=10261):
     hidden, weight = mx.random.normal((words, dim)), 0.02 * mx.random.normal((vocab, dim))
     targets = mx.random.randint(0, vocab, (words,))
 
     def loss(weight, hidden):
         logits = hidden @ weight.T
-        return nn.losses.cross_entropy(logits, targets, reduction="mean") if with_cross_entropy else logits.sum()
+        return logits.sum() if cross_entropy is None else cross_entropy(logits, targets).mean()
 
     grad = mx.compile(mx.value_and_grad(loss, argnums=(0, 1)))
     return lambda: mx.eval(grad(weight, hidden))
@@ -65,6 +81,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=50)
     args = parser.parse_args()
+    mx.set_cache_limit(1 << 30)  # as train.py does: the LM's 40 MB logits would go back to the OS each step
     blas.set_threads(1)
     cases = {
         "MLP step: shift 1, dropout 0.1, Adagrad (train.py)": mlp_step(0.1, lambda: Adagrad(0.01), 1),
@@ -72,8 +89,15 @@ def main():
         "MLP step: no dropout": mlp_step(0.0, lambda: Adagrad(0.01), 1),
         "MLP step: SGD instead of Adagrad": mlp_step(0.1, lambda: optim.SGD(0.01), 1),
         "MLP step: none of the three": mlp_step(0.0, lambda: optim.SGD(0.01), 0),
-        "PTB output layer: matmuls, forward + backward": output_layer(False),
-        "PTB output layer: matmuls + cross-entropy": output_layer(True),
+        "CNN conv 1 (1 -> 32 channels, 28 x 28): forward": cnn_conv(0, False),
+        "CNN conv 1: forward + weight gradient": cnn_conv(0, True),
+        "CNN conv 2 (32 -> 64 channels, 14 x 14): forward": cnn_conv(1, False),
+        "CNN conv 2: forward + weight and input gradients": cnn_conv(1, True),
+        "PTB output layer: matmuls, forward + backward": output_layer(None),
+        "PTB output layer: matmuls + nn.losses.cross_entropy": output_layer(
+            partial(nn.losses.cross_entropy, reduction="none")),
+        "PTB output layer: matmuls + train.py's cross-entropy (one exp a logit)": output_layer(
+            lambda logits, targets: softmax_cross_entropy(logits, targets)[0]),
     }
     seconds = median_seconds(cases, args.steps)
     print(f"BLAS: {BLAS}, 1 thread; mlx {mx.__version__}")

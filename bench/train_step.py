@@ -1,10 +1,11 @@
 """Training-step throughput of the recipes: ours compiled vs eager vs PyTorch, in one run.
 
-    python bench/train_step.py [--model mlp cnn lm] [--steps 40]
+    python bench/train_step.py [--model mlp cnn lm ptb] [--steps 40]
 
 Every variant trains the same architecture on the same random batch with Adagrad
 (ours in MLX; torch.optim.Adagrad(fused=True) in PyTorch, when torch is installed),
-at the recipes' defaults (MNIST 128 images; LM 4 x 128 wide, 32 windows of 64 tokens). MLX runs with
+at the recipes' defaults (MNIST 128 images; LM 4 x 128 wide, 16 windows of 64 tokens, with Tiny
+Shakespeare's 1,024 BPE tokens (lm) or PTB's 10,261 words (ptb)), and with train.py's loss. MLX runs with
 OpenBLAS on 1 thread (train.py's bit-reproducible default) and on 2; PyTorch on 1 and on 2,
 and each ratio compares the two at the same number of threads.
 The variants take turns, a few steps at a time, so load on the machine hits all
@@ -29,17 +30,21 @@ from adagrad import Adagrad  # noqa: E402
 from models.cnn import CNN  # noqa: E402
 from models.mlp import MLP  # noqa: E402
 from models.transformer import Transformer  # noqa: E402
+from train import softmax_cross_entropy  # noqa: E402
 
-VOCAB, CONTEXT, LM_BATCH, LM_DIM = 1024, 64, 32, 128  # train.py --task lm's defaults
+VOCAB = {"lm": 1024, "ptb": 10261}  # train.py --task lm's vocabularies: BPE default, PTB's words
+CONTEXT, LM_BATCH, LM_DIM = 64, 16, 128  # train.py --task lm's defaults
 
 
 def make_mlx_model(name):
-    return {"mlp": MLP, "cnn": CNN, "lm": lambda: Transformer(VOCAB, CONTEXT, dim=LM_DIM)}[name]()
+    if name in VOCAB:
+        return Transformer(VOCAB[name], CONTEXT, dim=LM_DIM)
+    return {"mlp": MLP, "cnn": CNN}[name]()
 
 
 def make_batch(name, rng):
-    if name == "lm":
-        tokens = rng.integers(0, VOCAB, (LM_BATCH, CONTEXT + 1)).astype(np.int32)
+    if name in VOCAB:
+        tokens = rng.integers(0, VOCAB[name], (LM_BATCH, CONTEXT + 1)).astype(np.int32)
         return tokens[:, :-1], tokens[:, 1:]
     return rng.integers(0, 256, (128, 28, 28, 1), dtype=np.uint8), rng.integers(0, 10, 128).astype(np.int32)
 
@@ -52,7 +57,9 @@ def mlx_stepper(model_name, images, labels, compiled, threads):
     state = [model.state, optimizer.state, mx.random.state]
     x, y = mx.array(images), mx.array(labels)
 
-    def loss_fn(model, x, y):
+    def loss_fn(model, x, y):  # train.py's losses: its own cross-entropy for the LM, MLX's for MNIST
+        if model_name in VOCAB:
+            return softmax_cross_entropy(model(x), y)[0].mean()
         return nn.losses.cross_entropy(model(x), y, reduction="mean")
 
     def step(x, y):
@@ -70,7 +77,7 @@ def mlx_stepper(model_name, images, labels, compiled, threads):
     return run
 
 
-def torch_transformer(torch, tnn):
+def torch_transformer(torch, tnn, vocab):
     """The same decoder as models/transformer.py: pre-norm, RoPE, ReLU MLP, tied embeddings."""
 
     def rope(x):  # x: (B, H, L, d); rotate the two halves, as nn.RoPE(traditional=False)
@@ -100,7 +107,7 @@ def torch_transformer(torch, tnn):
     class LM(tnn.Module):
         def __init__(self, dim=LM_DIM, layers=4):
             super().__init__()
-            self.embedding = tnn.Embedding(VOCAB, dim)
+            self.embedding = tnn.Embedding(vocab, dim)
             self.blocks = tnn.Sequential(*[Block(dim) for _ in range(layers)])
             self.norm, self.drop = tnn.LayerNorm(dim), tnn.Dropout(0.1)
 
@@ -119,14 +126,14 @@ def torch_stepper(model_name, images, labels, threads):
     if model_name == "mlp":
         model = tnn.Sequential(tnn.Flatten(), tnn.Linear(784, 512), tnn.ReLU(), tnn.Dropout(0.1),
                                tnn.Linear(512, 512), tnn.ReLU(), tnn.Dropout(0.1), tnn.Linear(512, 10))
-    elif model_name == "lm":
-        model = torch_transformer(torch, tnn)
+    elif model_name in VOCAB:
+        model = torch_transformer(torch, tnn, VOCAB[model_name])
     else:
         model = tnn.Sequential(tnn.Conv2d(1, 32, 3, padding=1), tnn.ReLU(), tnn.MaxPool2d(2),
                                tnn.Conv2d(32, 64, 3, padding=1), tnn.ReLU(), tnn.MaxPool2d(2), tnn.Flatten(),
                                tnn.Linear(7 * 7 * 64, 128), tnn.ReLU(), tnn.Dropout(0.5), tnn.Linear(128, 10))
     optimizer = torch.optim.Adagrad(model.parameters(), lr=0.02, eps=1e-8, fused=True)
-    if model_name == "lm":
+    if model_name in VOCAB:
         x, y = torch.from_numpy(images).long(), torch.from_numpy(labels).long().flatten()
     else:
         x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255.0  # NCHW, as torch's conv wants
@@ -160,9 +167,10 @@ def median_seconds(runs, steps):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", nargs="+", default=["mlp", "cnn", "lm"], choices=["mlp", "cnn", "lm"])
+    parser.add_argument("--model", nargs="+", default=["mlp", "cnn", "lm", "ptb"], choices=["mlp", "cnn", "lm", "ptb"])
     parser.add_argument("--steps", type=int, default=40)
     args = parser.parse_args()
+    mx.set_cache_limit(1 << 30)  # as train.py does: the LM's 40 MB logits would go back to the OS each step
 
     try:
         import torch
@@ -186,7 +194,7 @@ def main():
             steppers[names[4]] = torch_stepper(model_name, images, labels, 2)
         rate = {name: labels.size / seconds for name, seconds in median_seconds(steppers, args.steps).items()}
         ratios = [f"{rate[names[0]] / rate[names[3]]:.2f}x", f"{rate[names[1]] / rate[names[4]]:.2f}x"] if torch_version else ["-", "-"]
-        unit = "tokens/s" if model_name == "lm" else "samples/s"
+        unit = "tokens/s" if model_name in VOCAB else "samples/s"
         print(f"| {model_name} | {unit} | " + " | ".join(f"{rate[n]:,.0f}" for n in names) + " | " + " | ".join(ratios) + " |")
 
 

@@ -129,6 +129,27 @@ def test_eval_windows_predict_every_token_once():
         np.testing.assert_array_equal(y, x + 1)
 
 
+def test_softmax_cross_entropy_matches_mlx_loss_and_its_gradient():
+    """train.py's LM loss (one exp a logit, its own vjp) against nn.losses.cross_entropy and autograd."""
+    rng = np.random.default_rng(0)
+    logits = mx.array(4 * rng.standard_normal((3, 5, 50)), mx.float32)
+    targets = mx.array(rng.integers(0, 50, (3, 5)), mx.int32)
+    weights = mx.array(rng.random((3, 5)), mx.float32)  # a cotangent that is not all ones
+
+    def ours(z):
+        return (train.softmax_cross_entropy(z, targets)[0] * weights).sum()
+
+    def reference(z):
+        return (nn.losses.cross_entropy(z, targets, reduction="none") * weights).sum()
+
+    # Same math in another order (exps / total against exp(z - logsumexp)): float32 rounding apart.
+    np.testing.assert_allclose(np.array(train.softmax_cross_entropy(logits, targets)[0]),
+                               np.array(nn.losses.cross_entropy(logits, targets, reduction="none")), rtol=1e-6)
+    grad, ref_grad = mx.grad(ours)(logits), mx.grad(reference)(logits)
+    np.testing.assert_allclose(np.array(grad), np.array(ref_grad), atol=1e-7)
+    assert np.abs(np.array(grad)).max() > 0.1
+
+
 def test_metrics_by_hand_on_a_uniform_model(tmp_path):
     """A model that predicts uniformly over V tokens has NLL log V per token; the rest is counting."""
     ptb = tmp_path / "ptb"
