@@ -56,6 +56,8 @@ MNIST_EPOCHS = {"mlp": 24, "cnn": 12}
 AUGMENT_SHIFT = {"mlp": 1, "cnn": 2}
 DROPOUT = {"mlp": 0.1, "cnn": 0.5, "transformer": 0.1}
 LM_EPOCHS = {"tinyshakespeare": 8, "ptb": 1}  # about 10 minutes each on a 2-core CPU; other text: 1
+# MLX keeps freed buffers up to this for reuse; its default here, 32 MiB, returns the LM's logits to the OS each step.
+CACHE_LIMIT = 1 << 30
 
 
 def build_parser():
@@ -208,15 +210,12 @@ def make_optimizer(args, lr, model):
 
 
 @mx.custom_function
-def softmax_cross_entropy(logits, targets):
+def loss_and_softmax(logits, targets):
     """Cross-entropy of each row of logits z against its target t, and the row's softmax p.
 
         loss = log sum_j exp(z_j) - z_t          d loss / d z_j = p_j - [j == t]
 
-    Differentiating nn.losses.cross_entropy takes exp of every logit twice, in logsumexp going
-    forward and in the softmax of its vjp. MLX's CPU exp costs ~13 ns an element, so on PTB's
-    10,261-word output that was over half a step. Here the forward returns p (an output for the
-    backward pass only: it is not differentiated) and the vjp below reuses it: one exp a logit.
+    p is returned for the vjp below, which reuses it (it is not differentiated itself).
     """
     shifted = logits - logits.max(axis=-1, keepdims=True)
     exps = mx.exp(shifted)
@@ -225,11 +224,22 @@ def softmax_cross_entropy(logits, targets):
     return loss, exps / total
 
 
-@softmax_cross_entropy.vjp
-def softmax_cross_entropy_vjp(primals, cotangents, outputs):
+@loss_and_softmax.vjp
+def loss_and_softmax_vjp(primals, cotangents, outputs):
     logits, targets = primals
     onehot = mx.arange(logits.shape[-1]) == targets[..., None]
     return (outputs[1] - onehot) * cotangents[0][..., None], mx.zeros_like(targets)
+
+
+def softmax_cross_entropy(logits, targets):
+    """Per-target cross-entropy, as nn.losses.cross_entropy(..., reduction="none"), for the LM.
+
+    Differentiating nn.losses.cross_entropy takes exp of every logit twice, in logsumexp going
+    forward and in the softmax of its vjp. MLX's CPU exp costs ~13 ns an element, so on PTB's
+    10,261-word output that was over half a step. loss_and_softmax keeps the forward's softmax for
+    its own vjp: one exp a logit.
+    """
+    return loss_and_softmax(logits, targets)[0]
 
 
 def batch_loss(model, inputs, targets, scale, cross_entropy):
@@ -312,7 +322,7 @@ def setup_lm(args):
     return SimpleNamespace(
         model=model, evaluate=evaluate, unit="tokens", per_batch=lambda batch: batch[1].size, sample=sample,
         batches=text.Windows(tokens["train"], args.batch_size, args.context, args.seed), augment=lambda x: x,
-        cross_entropy=lambda logits, targets: softmax_cross_entropy(logits, targets)[0])
+        cross_entropy=softmax_cross_entropy)
 
 
 # ---------------------------------------------------------------------------------------
@@ -360,7 +370,7 @@ def train(args, command):
     say = print if rank == 0 else (lambda *_, **__: None)
     blas.set_threads(args.blas_threads)
     say(f"BLAS: {BLAS}, {blas.threads()} threads" + (f"; data-parallel on {world} processes" if world > 1 else ""))
-    mx.set_cache_limit(1 << 30)  # keep freed buffers for reuse instead of returning them to the OS each step
+    mx.set_cache_limit(CACHE_LIMIT)
     if args.batch_size < world:
         fail(f"--batch-size {args.batch_size} is smaller than the {world} processes: each needs a share of every batch")
 

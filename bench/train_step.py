@@ -30,10 +30,11 @@ from adagrad import Adagrad  # noqa: E402
 from models.cnn import CNN  # noqa: E402
 from models.mlp import MLP  # noqa: E402
 from models.transformer import Transformer  # noqa: E402
-from train import softmax_cross_entropy  # noqa: E402
+from train import CACHE_LIMIT, DEFAULTS, build_parser, softmax_cross_entropy  # noqa: E402
 
 VOCAB = {"lm": 1024, "ptb": 10261}  # train.py --task lm's vocabularies: BPE default, PTB's words
-CONTEXT, LM_BATCH, LM_DIM = 64, 16, 128  # train.py --task lm's defaults
+TRAIN_PARSER = build_parser()
+CONTEXT, LM_DIM, LM_BATCH = TRAIN_PARSER.get_default("context"), TRAIN_PARSER.get_default("dim"), DEFAULTS["lm"]["batch_size"]
 
 
 def make_mlx_model(name):
@@ -59,7 +60,7 @@ def mlx_stepper(model_name, images, labels, compiled, threads):
 
     def loss_fn(model, x, y):  # train.py's losses: its own cross-entropy for the LM, MLX's for MNIST
         if model_name in VOCAB:
-            return softmax_cross_entropy(model(x), y)[0].mean()
+            return softmax_cross_entropy(model(x), y).mean()
         return nn.losses.cross_entropy(model(x), y, reduction="mean")
 
     def step(x, y):
@@ -170,7 +171,7 @@ def main():
     parser.add_argument("--model", nargs="+", default=["mlp", "cnn", "lm", "ptb"], choices=["mlp", "cnn", "lm", "ptb"])
     parser.add_argument("--steps", type=int, default=40)
     args = parser.parse_args()
-    mx.set_cache_limit(1 << 30)  # as train.py does: the LM's 40 MB logits would go back to the OS each step
+    mx.set_cache_limit(CACHE_LIMIT)  # as train.py does
 
     try:
         import torch
