@@ -54,10 +54,17 @@ DEFAULTS = {  # per task: dataset, model, batch size, epochs, schedule
 }
 MNIST_EPOCHS = {"mlp": 24, "cnn": 12}
 AUGMENT_SHIFT = {"mlp": 1, "cnn": 2}
-DROPOUT = {"mlp": 0.1, "cnn": 0.5, "transformer": 0.1}
-LM_EPOCHS = {"tinyshakespeare": 8, "ptb": 1}  # about 10 minutes each on a 2-core CPU; other text: 1
+DROPOUT = {"mlp": 0.1, "cnn": 0.5, "transformer": 0.0}
+# Passes over the text and transformer blocks: about 8 minutes each on a 2-core CPU (README, "Choosing the defaults").
+LM_RECIPES = {"tinyshakespeare": dict(epochs=8, layers=4), "ptb": dict(epochs=7, layers=2),
+              "other": dict(epochs=1, layers=4)}
 # MLX keeps freed buffers up to this for reuse; its default here, 32 MiB, returns the LM's logits to the OS each step.
 CACHE_LIMIT = 1 << 30
+
+
+def recipe_help(key):
+    return ", ".join(f"{name} {recipe[key]}" for name, recipe in LM_RECIPES.items() if name != "other") + \
+        f", other text {LM_RECIPES['other'][key]}"
 
 
 def build_parser():
@@ -84,7 +91,7 @@ def build_parser():
     p.add_argument("--schedule", choices=["constant", "cosine"], help="learning-rate schedule (default: cosine)")
     p.add_argument("--warmup", type=int, default=0, help="linear warmup steps (default 0)")
     p.add_argument("--batch-size", type=int, help="default: mnist 128, lm 16")
-    p.add_argument("--epochs", type=int, help=f"default: mnist {MNIST_EPOCHS}; lm {LM_EPOCHS}, else 1 "
+    p.add_argument("--epochs", type=int, help=f"default: mnist {MNIST_EPOCHS}; lm " + recipe_help("epochs") + " "
                                               "(an lm epoch is about one pass over the training tokens)")
     p.add_argument("--steps", type=int, help="stop after this many steps in all (the schedule still spans --epochs)")
     p.add_argument("--seed", type=int, default=0)
@@ -106,7 +113,7 @@ def build_parser():
     mnist_options.add_argument("--augment-shift", type=int, help="shift training images by up to N pixels, 0: off "
                                f"(default: {', '.join(f'{k} {v}' for k, v in AUGMENT_SHIFT.items())})")
     lm = p.add_argument_group("lm")
-    lm.add_argument("--layers", type=int, default=4, help="transformer blocks (default 4)")
+    lm.add_argument("--layers", type=int, help="transformer blocks (default: " + recipe_help("layers") + ")")
     lm.add_argument("--dim", type=int, default=128, help="model width (default 128)")
     lm.add_argument("--heads", type=int, default=4, help="attention heads (default 4)")
     lm.add_argument("--context", type=int, default=64, help="tokens per training window (default 64)")
@@ -118,6 +125,10 @@ def build_parser():
                                                    "word of the training text)")
     lm.add_argument("--cache-dir", type=Path, default=Path.home() / ".cache" / "mlx-adagrad-tokenizers",
                     help="where trained tokenizers are kept")
+    lm.add_argument("--softmax", choices=["full", "class"],
+                    help="output layer: full scores every word; class factors p(word) = p(class) p(word | class) "
+                         "over ~sqrt(vocab) classes, ~50x fewer exps at PTB's 10k words (default: class with "
+                         "--tokenizer word, whose vocabularies are large; else full)")
     lm.add_argument("--sample", type=int, default=0, help="print N tokens sampled from the model at the end")
     lm.add_argument("--temperature", type=float, default=0.8)
     return p
@@ -133,8 +144,11 @@ def check_args(args):
     for key, value in DEFAULTS[args.task].items():
         if getattr(args, key) is None:
             setattr(args, key, value)
-    if args.epochs is None:
-        args.epochs = MNIST_EPOCHS[args.model] if args.task == "mnist" else LM_EPOCHS.get(args.dataset, 1)
+    if args.epochs is None and args.task == "mnist":
+        args.epochs = MNIST_EPOCHS[args.model]
+    for key, value in LM_RECIPES.get(args.dataset, LM_RECIPES["other"]).items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
     if args.dropout is None:
         args.dropout = DROPOUT[args.model]
     if args.augment_shift is None:
@@ -144,6 +158,7 @@ def check_args(args):
         args.tokenizer = args.tokenizer or ("word" if args.dataset == "ptb" else "bpe")
         if args.vocab_size is None and args.tokenizer != "word":
             args.vocab_size = 1024
+        args.softmax = args.softmax or ("class" if args.tokenizer == "word" else "full")
     args.data_dir = args.data_dir or default_data_dir()
     if args.task == "mnist" and args.dataset not in mnist.SHA256:
         fail(f"--dataset {args.dataset} is not an image dataset: choose {', '.join(mnist.SHA256)} (or --task lm)")
@@ -209,42 +224,9 @@ def make_optimizer(args, lr, model):
     return optim.AdamW(lr, weight_decay=args.weight_decay, **eps)
 
 
-@mx.custom_function
-def loss_and_softmax(logits, targets):
-    """Cross-entropy of each row of logits z against its target t, and the row's softmax p.
-
-        loss = log sum_j exp(z_j) - z_t          d loss / d z_j = p_j - [j == t]
-
-    p is returned for the vjp below, which reuses it (it is not differentiated itself).
-    """
-    shifted = logits - logits.max(axis=-1, keepdims=True)
-    exps = mx.exp(shifted)
-    total = exps.sum(axis=-1, keepdims=True)
-    loss = mx.log(total)[..., 0] - mx.take_along_axis(shifted, targets[..., None], axis=-1)[..., 0]
-    return loss, exps / total
-
-
-@loss_and_softmax.vjp
-def loss_and_softmax_vjp(primals, cotangents, outputs):
-    logits, targets = primals
-    onehot = mx.arange(logits.shape[-1]) == targets[..., None]
-    return (outputs[1] - onehot) * cotangents[0][..., None], mx.zeros_like(targets)
-
-
-def softmax_cross_entropy(logits, targets):
-    """Per-target cross-entropy, as nn.losses.cross_entropy(..., reduction="none"), for the LM.
-
-    Differentiating nn.losses.cross_entropy takes exp of every logit twice, in logsumexp going
-    forward and in the softmax of its vjp. MLX's CPU exp costs ~13 ns an element, so on PTB's
-    10,261-word output that was over half a step. loss_and_softmax keeps the forward's softmax for
-    its own vjp: one exp a logit.
-    """
-    return loss_and_softmax(logits, targets)[0]
-
-
-def batch_loss(model, inputs, targets, scale, cross_entropy):
+def batch_loss(model, inputs, targets, scale, token_losses):
     """Summed cross-entropy times `scale` = 1 / (targets in the global batch): the batch mean on one process."""
-    return cross_entropy(model(inputs), targets).sum() * scale
+    return token_losses(model, inputs, targets).sum() * scale
 
 
 def shard(batch, rank, world):
@@ -260,8 +242,8 @@ def shard(batch, rank, world):
 
 
 # ---------------------------------------------------------------------------------------
-# Tasks: each gives a model, training batches, a train-time augmentation, its cross-entropy (per target)
-# and an evaluation.
+# Tasks: each gives a model, training batches, a train-time augmentation, its loss per target
+# (token_losses(model, inputs, targets)) and an evaluation.
 
 
 def setup_mnist(args):
@@ -282,26 +264,29 @@ def setup_mnist(args):
         model=model, evaluate=evaluate, unit="samples", per_batch=lambda batch: len(batch[1]),
         batches=mnist.Batches(data["train_images"], data["train_labels"], args.batch_size, args.seed),
         augment=partial(mnist.random_shift, max_shift=args.augment_shift),
-        cross_entropy=partial(nn.losses.cross_entropy, reduction="none"))  # 10 classes: exp is cheap here
+        token_losses=lambda model, x, y: nn.losses.cross_entropy(model(x), y, reduction="none"))
 
 
 def setup_lm(args):
     splits = text.load_splits(args.dataset, args.data_dir)
     sp = text.tokenizer(splits["train"], args.vocab_size, args.tokenizer, args.cache_dir)
     tokens = {split: text.encode(sp, t) for split, t in splits.items()}
+    ids = np.arange(sp.vocab_size())  # ids[model's token id] = SentencePiece id
+    if args.softmax == "class":  # its classes are runs of ids: renumber the vocabulary by training frequency
+        ids = text.by_frequency(tokens["train"], sp.vocab_size())
+        tokens = {split: np.argsort(ids).astype(np.int32)[t] for split, t in tokens.items()}
     if len(tokens["valid"]) < args.context + 1:
         raise DataError(f"--context {args.context} is longer than the validation split ({len(tokens['valid']) - 1} "
                         f"tokens): use a smaller --context")
     model = Transformer(sp.vocab_size(), args.context, args.layers, args.dim, args.heads,
-                        args.dropout, args.positions)
+                        args.dropout, args.positions, args.softmax)
 
     def evaluate(model, final=False):
         metrics = {}
         for split in ["valid"] + (["test"] if final and "test" in splits else []):
             nll = 0.0
-            for x, y in text.eval_windows(tokens[split], args.context):
-                token_nll = nn.losses.cross_entropy(model(mx.array(x)), mx.array(y), reduction="none")
-                nll += np.array(token_nll, np.float64).sum()  # float64: sums over 10^5 tokens
+            for x, y, scored in text.eval_windows(tokens[split], args.context):
+                nll += np.array(model.nll(mx.array(x), mx.array(y)), np.float64)[scored].sum()  # float64: 10^5 tokens
             prefix = "val" if split == "valid" else "test"
             metrics[f"{prefix}_loss"] = nll / (len(tokens[split]) - 1)
             metrics[f"{prefix}_nats_per_char"] = nll / len(splits[split])
@@ -312,17 +297,17 @@ def setup_lm(args):
 
     def sample(model, count, temperature):
         model.eval()
-        ids, key = [sp.bos_id()], mx.random.key(args.seed)
+        sampled, key = [int(np.flatnonzero(ids == sp.bos_id())[0])], mx.random.key(args.seed)
         for _ in range(count):
-            logits = model(mx.array([ids[-args.context:]]))[0, -1]
+            logits = model(mx.array([sampled[-args.context:]]))[0, -1]
             key, subkey = mx.random.split(key)
-            ids.append(mx.random.categorical(logits / temperature, key=subkey).item())
-        return text.decode(sp, ids[1:])
+            sampled.append(mx.random.categorical(logits / temperature, key=subkey).item())
+        return text.decode(sp, ids[sampled[1:]].tolist())
 
     return SimpleNamespace(
         model=model, evaluate=evaluate, unit="tokens", per_batch=lambda batch: batch[1].size, sample=sample,
         batches=text.Windows(tokens["train"], args.batch_size, args.context, args.seed), augment=lambda x: x,
-        cross_entropy=softmax_cross_entropy)
+        token_losses=lambda model, x, y: model.nll(x, y))
 
 
 # ---------------------------------------------------------------------------------------
@@ -407,7 +392,7 @@ def train(args, command):
 
     def train_step(inputs, targets, scale):
         loss, grads = nn.value_and_grad(model, batch_loss)(model, task.augment(inputs), targets, scale,
-                                                           task.cross_entropy)
+                                                           task.token_losses)
         if world > 1:  # every process applies the same averaged gradient, so weights and state stay equal
             grads, loss = nn.average_gradients(grads), mx.distributed.all_sum(loss) / world
         optimizer.update(model, grads)

@@ -6,8 +6,9 @@ MNIST MLP (batch 128): the compiled training step as train.py builds it, then wi
 removed at a time (augmentation shift, dropout, Adagrad replaced by plain SGD). The CNN's two
 convolutions (batch 128): forward, and forward with the gradients training needs. PTB output layer
 (1,024 words, one default batch; 128 wide, 10,261 words): the compiled forward and backward of its
-matmul alone, with MLX's cross-entropy, and with train.py's (which takes exp once a logit, not
-twice). Timed as bench/train_step.py times its variants: in turns, median.
+matmul alone, with MLX's cross-entropy, with the full softmax's own (which takes exp once a logit,
+not twice), and the class-factored softmax train.py uses for PTB (models/transformer.py,
+ClassSoftmax). Timed as bench/train_step.py times its variants: in turns, median.
 """
 
 import argparse
@@ -30,7 +31,8 @@ from bench.train_step import CONTEXT, LM_BATCH, LM_DIM, VOCAB, median_seconds  #
 from data.mnist import random_shift  # noqa: E402
 from models.cnn import CNN  # noqa: E402
 from models.mlp import MLP  # noqa: E402
-from train import CACHE_LIMIT, softmax_cross_entropy  # noqa: E402
+from models.transformer import ClassSoftmax, softmax_cross_entropy  # noqa: E402
+from train import CACHE_LIMIT  # noqa: E402
 
 
 def mlp_step(dropout, make_optimizer, shift):
@@ -77,6 +79,18 @@ def output_layer(cross_entropy, words=LM_BATCH * CONTEXT, dim=LM_DIM, vocab=VOCA
     return lambda: mx.eval(grad(weight, hidden))
 
 
+def class_output_layer(words=LM_BATCH * CONTEXT, dim=LM_DIM, vocab=VOCAB["ptb"]):
+    layer, targets = ClassSoftmax(vocab, dim), mx.random.randint(0, vocab, (words,))
+    # Held by the layer, so that one gradient covers them with its class vectors.
+    layer.hidden, layer.words = mx.random.normal((words, dim)), 0.02 * mx.random.normal((vocab, dim))
+
+    def loss():
+        return layer.nll(layer.hidden, targets, layer.words).mean()
+
+    grad = mx.compile(nn.value_and_grad(layer, loss), inputs=layer.state, outputs=layer.state)
+    return lambda: mx.eval(grad())
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=50)
@@ -96,7 +110,8 @@ def main():
         "PTB output layer: matmuls, forward + backward": output_layer(None),
         "PTB output layer: matmuls + nn.losses.cross_entropy": output_layer(
             partial(nn.losses.cross_entropy, reduction="none")),
-        "PTB output layer: matmuls + train.py's cross-entropy (one exp a logit)": output_layer(softmax_cross_entropy),
+        "PTB output layer: matmuls + the full softmax's cross-entropy (one exp a logit)": output_layer(softmax_cross_entropy),
+        "PTB output layer: class-factored softmax (train.py's for PTB)": class_output_layer(),
     }
     seconds = median_seconds(cases, args.steps)
     print(f"BLAS: {BLAS}, 1 thread; mlx {mx.__version__}")

@@ -4,8 +4,9 @@
 
 Every variant trains the same architecture on the same random batch with Adagrad
 (ours in MLX; torch.optim.Adagrad(fused=True) in PyTorch, when torch is installed),
-at the recipes' defaults (MNIST 128 images; LM 4 x 128 wide, 16 windows of 64 tokens, with Tiny
-Shakespeare's 1,024 BPE tokens (lm) or PTB's 10,261 words (ptb)), and with train.py's loss. MLX runs with
+at the recipes' defaults (MNIST 128 images; LM 128 wide, 16 windows of 64 tokens, with Tiny
+Shakespeare's 4 blocks, 1,024 BPE tokens and a full softmax (lm), or PTB's 2 blocks, 10,261 words
+and the class-factored softmax (ptb)), and with train.py's loss. MLX runs with
 OpenBLAS on 1 thread (train.py's bit-reproducible default) and on 2; PyTorch on 1 and on 2,
 and each ratio compares the two at the same number of threads.
 The variants take turns, a few steps at a time, so load on the machine hits all
@@ -13,6 +14,7 @@ alike; each cell is the median step time turned into samples (or tokens) per sec
 """
 
 import argparse
+import math
 import os
 import sys
 import time
@@ -30,16 +32,18 @@ from adagrad import Adagrad  # noqa: E402
 from models.cnn import CNN  # noqa: E402
 from models.mlp import MLP  # noqa: E402
 from models.transformer import Transformer  # noqa: E402
-from train import CACHE_LIMIT, DEFAULTS, build_parser, softmax_cross_entropy  # noqa: E402
+from train import CACHE_LIMIT, DEFAULTS, DROPOUT, LM_RECIPES, build_parser  # noqa: E402
 
 VOCAB = {"lm": 1024, "ptb": 10261}  # train.py --task lm's vocabularies: BPE default, PTB's words
+SOFTMAX = {"lm": "full", "ptb": "class"}  # and its output layers and depths for them
+LAYERS = {"lm": LM_RECIPES["tinyshakespeare"]["layers"], "ptb": LM_RECIPES["ptb"]["layers"]}
 TRAIN_PARSER = build_parser()
 CONTEXT, LM_DIM, LM_BATCH = TRAIN_PARSER.get_default("context"), TRAIN_PARSER.get_default("dim"), DEFAULTS["lm"]["batch_size"]
 
 
 def make_mlx_model(name):
     if name in VOCAB:
-        return Transformer(VOCAB[name], CONTEXT, dim=LM_DIM)
+        return Transformer(VOCAB[name], CONTEXT, LAYERS[name], LM_DIM, dropout=DROPOUT["transformer"], softmax=SOFTMAX[name])
     return {"mlp": MLP, "cnn": CNN}[name]()
 
 
@@ -58,9 +62,9 @@ def mlx_stepper(model_name, images, labels, compiled, threads):
     state = [model.state, optimizer.state, mx.random.state]
     x, y = mx.array(images), mx.array(labels)
 
-    def loss_fn(model, x, y):  # train.py's losses: its own cross-entropy for the LM, MLX's for MNIST
+    def loss_fn(model, x, y):  # train.py's losses: the transformer's own, MLX's cross-entropy for MNIST
         if model_name in VOCAB:
-            return softmax_cross_entropy(model(x), y).mean()
+            return model.nll(x, y).mean()
         return nn.losses.cross_entropy(model(x), y, reduction="mean")
 
     def step(x, y):
@@ -78,8 +82,9 @@ def mlx_stepper(model_name, images, labels, compiled, threads):
     return run
 
 
-def torch_transformer(torch, tnn, vocab):
-    """The same decoder as models/transformer.py: pre-norm, RoPE, ReLU MLP, tied embeddings."""
+def torch_transformer(torch, tnn, vocab, softmax, layers):
+    """The same decoder as models/transformer.py: pre-norm, RoPE, ReLU MLP, tied embeddings, full or
+    class-factored softmax; its forward returns the mean loss."""
 
     def rope(x):  # x: (B, H, L, d); rotate the two halves, as nn.RoPE(traditional=False)
         half = x.shape[-1] // 2
@@ -96,7 +101,7 @@ def torch_transformer(torch, tnn, vocab):
             self.norm1, self.norm2 = tnn.LayerNorm(dim), tnn.LayerNorm(dim)
             self.qkv, self.out = tnn.Linear(dim, 3 * dim, bias=False), tnn.Linear(dim, dim, bias=False)
             self.mlp = tnn.Sequential(tnn.Linear(dim, 4 * dim), tnn.ReLU(), tnn.Linear(4 * dim, dim))
-            self.drop = tnn.Dropout(0.1)
+            self.drop = tnn.Dropout(DROPOUT["transformer"])
 
         def forward(self, x):
             b, length, dim = x.shape
@@ -106,15 +111,28 @@ def torch_transformer(torch, tnn, vocab):
             return x + self.drop(self.mlp(self.norm2(x)))
 
     class LM(tnn.Module):
-        def __init__(self, dim=LM_DIM, layers=4):
+        def __init__(self, dim=LM_DIM):
             super().__init__()
             self.embedding = tnn.Embedding(vocab, dim)
             self.blocks = tnn.Sequential(*[Block(dim) for _ in range(layers)])
-            self.norm, self.drop = tnn.LayerNorm(dim), tnn.Dropout(0.1)
+            self.norm, self.drop = tnn.LayerNorm(dim), tnn.Dropout(DROPOUT["transformer"])
+            self.size = math.ceil(math.sqrt(vocab))
+            self.classes = tnn.Linear(dim, -(-vocab // self.size), bias=False)
 
-        def forward(self, tokens):
-            x = self.norm(self.blocks(self.drop(self.embedding(tokens))))
-            return (x @ self.embedding.weight.T).flatten(0, 1)
+        def forward(self, tokens, targets):
+            h = self.norm(self.blocks(self.drop(self.embedding(tokens)))).flatten(0, 1)
+            targets = targets.flatten()
+            if softmax == "full":
+                return tnn.functional.cross_entropy(h @ self.embedding.weight.T, targets)
+            words = self.embedding.weight  # padded to whole classes; the padding's logits are -inf
+            padding = words.new_zeros(self.classes.out_features * self.size - vocab, words.shape[1])
+            class_words = torch.cat([words, padding]).view(self.classes.out_features, self.size, -1)
+            target_class, position = targets // self.size, targets % self.size
+            word_logits = torch.einsum("nd,nsd->ns", h, class_words[target_class])
+            real = torch.arange(self.classes.out_features * self.size).view(-1, self.size) < vocab
+            word_logits = word_logits.masked_fill(~real[target_class], float("-inf"))
+            return (tnn.functional.cross_entropy(self.classes(h), target_class)
+                    + tnn.functional.cross_entropy(word_logits, position))
 
     return LM()
 
@@ -128,14 +146,14 @@ def torch_stepper(model_name, images, labels, threads):
         model = tnn.Sequential(tnn.Flatten(), tnn.Linear(784, 512), tnn.ReLU(), tnn.Dropout(0.1),
                                tnn.Linear(512, 512), tnn.ReLU(), tnn.Dropout(0.1), tnn.Linear(512, 10))
     elif model_name in VOCAB:
-        model = torch_transformer(torch, tnn, VOCAB[model_name])
+        model = torch_transformer(torch, tnn, VOCAB[model_name], SOFTMAX[model_name], LAYERS[model_name])
     else:
         model = tnn.Sequential(tnn.Conv2d(1, 32, 3, padding=1), tnn.ReLU(), tnn.MaxPool2d(2),
                                tnn.Conv2d(32, 64, 3, padding=1), tnn.ReLU(), tnn.MaxPool2d(2), tnn.Flatten(),
                                tnn.Linear(7 * 7 * 64, 128), tnn.ReLU(), tnn.Dropout(0.5), tnn.Linear(128, 10))
     optimizer = torch.optim.Adagrad(model.parameters(), lr=0.02, eps=1e-8, fused=True)
     if model_name in VOCAB:
-        x, y = torch.from_numpy(images).long(), torch.from_numpy(labels).long().flatten()
+        x, y = torch.from_numpy(images).long(), torch.from_numpy(labels).long()
     else:
         x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255.0  # NCHW, as torch's conv wants
         y = torch.from_numpy(labels).long()
@@ -143,7 +161,7 @@ def torch_stepper(model_name, images, labels, threads):
     def run():
         torch.set_num_threads(threads)
         optimizer.zero_grad(set_to_none=True)
-        loss = tnn.functional.cross_entropy(model(x), y)
+        loss = model(x, y) if model_name in VOCAB else tnn.functional.cross_entropy(model(x), y)
         loss.backward()
         optimizer.step()
 

@@ -155,6 +155,12 @@ def decode(sp, ids) -> str:
     return sp.decode(ids).replace("\u2581", " ")
 
 
+def by_frequency(train_tokens: np.ndarray, vocab_size: int) -> np.ndarray:
+    """The token ids, most frequent in the training tokens first (ties by id)."""
+    counts = np.bincount(train_tokens, minlength=vocab_size)
+    return np.argsort(-counts, kind="stable")
+
+
 def word_count(text: str) -> int:
     """Words plus one <eos> per line: the count PTB perplexity is defined over."""
     return len(text.split()) + text.count("\n")
@@ -189,12 +195,23 @@ class Windows:
 
 
 def eval_windows(tokens: np.ndarray, context: int, batch_size: int = 64):
-    """Batches of consecutive non-overlapping (inputs, targets) windows; every token after the
-    first is a target exactly once. A shorter last window comes alone."""
-    full = (len(tokens) - 1) // context
-    inputs = tokens[:full * context].reshape(full, context)
-    targets = tokens[1:full * context + 1].reshape(full, context)
-    for i in range(0, full, batch_size):
-        yield inputs[i:i + batch_size], targets[i:i + batch_size]
-    if full * context < len(tokens) - 1:
-        yield tokens[None, full * context:-1], tokens[None, full * context + 1:]
+    """Batches of (inputs, targets, scored): windows of `context` tokens, context // 2 apart.
+
+    Every token after the first is a target exactly once where scored is true, and, past the
+    first window, always with at least context // 2 tokens before it (the non-overlapping windows
+    of training length would give the first tokens of each window almost none, 32 on average).
+    """
+    targets = len(tokens) - 1
+    length, stride = min(context, targets), max(1, context // 2)
+    starts = list(range(0, targets - length + 1, stride))
+    if starts[-1] + length < targets:  # a last window flush with the end
+        starts.append(targets - length)
+    offsets, scored_until = np.arange(length), 0
+    windows = []
+    for start in starts:
+        windows.append((start, start + offsets >= scored_until))
+        scored_until = start + length
+    for i in range(0, len(windows), batch_size):
+        batch = windows[i:i + batch_size]
+        positions = np.array([start for start, _ in batch])[:, None] + offsets
+        yield tokens[positions], tokens[positions + 1], np.stack([scored for _, scored in batch])

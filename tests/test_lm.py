@@ -14,10 +14,11 @@ import pytest
 
 import train
 from data import DataError, text
+from models.transformer import ClassSoftmax, softmax_cross_entropy
 
 SHARED_DATA = Path(os.environ.get("MLX_ADAGRAD_DATA", Path(__file__).parents[2] / "shared" / "data"))
 TINY_MODEL = ["--task", "lm", "--dim", "32", "--layers", "1", "--heads", "2", "--context", "16",
-              "--batch-size", "8", "--vocab-size", "300"]
+              "--dropout", "0.1", "--batch-size", "8", "--vocab-size", "300"]  # dropout: its RNG in the compiled step
 
 
 def make_text(seed=0, lines=600):
@@ -96,12 +97,24 @@ def test_word_tokenizer_keeps_every_word_and_ptb_unk(tmp_path):
         assert text.decode(sp, sp.encode(sample)) == sample
 
 
-def test_ptb_defaults_to_words_and_other_text_to_bpe():
-    for argv, tokenizer, vocab in [(["--dataset", "ptb"], "word", None), ([], "bpe", 1024),
-                                   (["--dataset", "ptb", "--tokenizer", "bpe"], "bpe", 1024)]:
+def test_ptb_defaults_to_words_and_a_class_softmax_and_other_text_to_bpe():
+    for argv, tokenizer, vocab, softmax in [(["--dataset", "ptb"], "word", None, "class"), ([], "bpe", 1024, "full"),
+                                            (["--dataset", "ptb", "--tokenizer", "bpe"], "bpe", 1024, "full"),
+                                            (["--dataset", "ptb", "--softmax", "full"], "word", None, "full")]:
         args = train.build_parser().parse_args(["--task", "lm", *argv])
         train.check_args(args)
-        assert (args.tokenizer, args.vocab_size) == (tokenizer, vocab)
+        assert (args.tokenizer, args.vocab_size, args.softmax) == (tokenizer, vocab, softmax)
+
+
+def test_each_dataset_has_its_recipe_and_flags_override_it():
+    for dataset in ["tinyshakespeare", "ptb", "some.txt"]:
+        args = train.build_parser().parse_args(["--task", "lm", "--dataset", dataset])
+        train.check_args(args)
+        recipe = train.LM_RECIPES.get(dataset, train.LM_RECIPES["other"])
+        assert (args.epochs, args.layers) == (recipe["epochs"], recipe["layers"])
+    args = train.build_parser().parse_args(["--task", "lm", "--dataset", "ptb", "--layers", "2", "--epochs", "9"])
+    train.check_args(args)
+    assert (args.epochs, args.layers) == (9, 2)
 
 
 # ---------------------------------------------------------------------------------------
@@ -120,34 +133,96 @@ def test_windows_are_seeded_shifted_and_resumable():
     np.testing.assert_array_equal(np.stack([b[0] for b in windows.epoch(2, start_batch=3)]), np.stack(first[3:]))
 
 
-def test_eval_windows_predict_every_token_once():
-    tokens = np.arange(150, dtype=np.int32)
+@pytest.mark.parametrize("length", [150, 161, 10])  # windows that end flush; a last one that overlaps more; one short window
+def test_eval_windows_score_every_token_once_with_half_a_context_before_it(length):
+    tokens = np.arange(length, dtype=np.int32)
     batches = list(text.eval_windows(tokens, 16, batch_size=4))
-    assert [x.shape for x, _ in batches] == [(4, 16), (4, 16), (1, 16), (1, 5)]
-    np.testing.assert_array_equal(np.concatenate([y.reshape(-1) for _, y in batches]), tokens[1:])
-    for x, y in batches:
+    scored_targets = np.concatenate([y[scored] for _, y, scored in batches])
+    np.testing.assert_array_equal(np.sort(scored_targets), tokens[1:])  # each once
+    for x, y, scored in batches:
         np.testing.assert_array_equal(y, x + 1)
+        assert x.shape[1] == min(16, length - 1)
+        context_before = np.broadcast_to(np.arange(x.shape[1]), x.shape)[scored] + 1  # tokens up to the target's input
+        assert np.all((context_before >= 8) | (y[scored] <= 16))  # only the first window scores with less
 
 
 def test_softmax_cross_entropy_matches_mlx_loss_and_its_gradient():
-    """train.py's LM loss (one exp a logit, its own vjp) against nn.losses.cross_entropy and autograd."""
+    """The full-softmax LM loss (one exp a logit, its own vjp) against nn.losses.cross_entropy and autograd."""
     rng = np.random.default_rng(0)
     logits = mx.array(4 * rng.standard_normal((3, 5, 50)), mx.float32)
     targets = mx.array(rng.integers(0, 50, (3, 5)), mx.int32)
     weights = mx.array(rng.random((3, 5)), mx.float32)  # a cotangent that is not all ones
 
     def ours(z):
-        return (train.softmax_cross_entropy(z, targets) * weights).sum()
+        return (softmax_cross_entropy(z, targets) * weights).sum()
 
     def reference(z):
         return (nn.losses.cross_entropy(z, targets, reduction="none") * weights).sum()
 
     # Same math in another order (exps / total against exp(z - logsumexp)): float32 rounding apart.
-    np.testing.assert_allclose(np.array(train.softmax_cross_entropy(logits, targets)),
+    np.testing.assert_allclose(np.array(softmax_cross_entropy(logits, targets)),
                                np.array(nn.losses.cross_entropy(logits, targets, reduction="none")), rtol=1e-6)
     grad, ref_grad = mx.grad(ours)(logits), mx.grad(reference)(logits)
     np.testing.assert_allclose(np.array(grad), np.array(ref_grad), atol=1e-7)
     assert np.abs(np.array(grad)).max() > 0.1
+
+
+@pytest.mark.parametrize("vocab", [100, 103])  # 10 classes of 10 words; 11 of 11, the last with 7 and 4 padding
+def test_class_softmax_is_a_distribution_and_its_loss_and_gradient_match_it(vocab):
+    rng = np.random.default_rng(0)
+    layer = ClassSoftmax(vocab, 16)
+    words = mx.array(rng.standard_normal((vocab, 16)), mx.float32)
+    h = mx.array(rng.standard_normal((3, 40, 16)), mx.float32)
+    targets = mx.array(rng.integers(0, vocab, (3, 40)), mx.int32)  # unsorted, classes repeated
+    targets[0, :4] = mx.array([vocab - 1, 0, vocab - 1, vocab - 2])  # the padded last class, and the first
+    weights = mx.array(rng.random((3, 40)), mx.float32)  # a cotangent that is not all ones
+
+    log_probs = layer(h, words)
+    assert log_probs.shape == (3, 40, vocab)
+    # Sums of ~100 float32 probabilities: rounding, ~1e-7 each.
+    np.testing.assert_allclose(np.array(mx.exp(log_probs).sum(axis=-1)), 1.0, atol=1e-5)
+
+    def loss(h, words, layer):  # the cheap path: target classes only
+        return (layer.nll(h, targets, words) * weights).sum()
+
+    def dense_loss(h, words, layer):  # every word's probability, then the target's
+        return -(mx.take_along_axis(layer(h, words), targets[..., None], -1)[..., 0] * weights).sum()
+
+    # Same sums in another order and grouping (the sorted path, gather_mm): float32 rounding apart.
+    np.testing.assert_allclose(np.array(layer.nll(h, targets, words)),
+                               np.array(-mx.take_along_axis(log_probs, targets[..., None], -1)[..., 0]), rtol=1e-5)
+    grads = mx.grad(loss, argnums=[0, 1])(h, words, layer)
+    dense = mx.grad(dense_loss, argnums=[0, 1])(h, words, layer)
+    for ours, reference in zip(grads, dense):  # sums over 120 tokens of terms up to ~1: float32 rounding
+        np.testing.assert_allclose(np.array(ours), np.array(reference), rtol=1e-5, atol=1e-6)
+        assert np.abs(np.array(ours)).max() > 0.1
+    class_grad = nn.value_and_grad(layer, lambda layer: loss(h, words, layer))(layer)[1]["classes"]["weight"]
+    dense_class_grad = nn.value_and_grad(layer, lambda layer: dense_loss(h, words, layer))(layer)[1]["classes"]["weight"]
+    np.testing.assert_allclose(np.array(class_grad), np.array(dense_class_grad), rtol=1e-5, atol=1e-6)
+
+
+def test_by_frequency_and_the_sampled_text_go_through_the_renumbered_vocabulary(tmp_path):
+    np.testing.assert_array_equal(text.by_frequency(np.array([2, 2, 2, 0, 3, 3]), 5), [2, 3, 0, 1, 4])  # ties by id
+    ptb = tmp_path / "ptb"
+    ptb.mkdir()
+    for split in ("train", "valid", "test"):
+        (ptb / f"ptb.{split}.txt").write_text(ptb_like(seed=len(split)))
+    args = train.build_parser().parse_args([*TINY_MODEL[:-2], "--dataset", "ptb", "--data-dir", str(tmp_path),
+                                            "--cache-dir", str(tmp_path / "cache")])
+    train.check_args(args)
+    assert args.softmax == "class"  # the default for a word vocabulary
+    task = train.setup_lm(args)
+    assert np.all(np.diff(np.bincount(task.batches.tokens)) <= 0)  # the model sees ids numbered by frequency
+    counts = {}
+    for word in (ptb / "ptb.train.txt").read_text().replace("\n", " \n ").split(" "):
+        counts[word] = counts.get(word, 0) + 1 if word else 0
+    second = sorted(counts, key=counts.get)[-2]  # after "\n", one a line
+
+    class SecondMostFrequent(nn.Module):  # certain of the token numbered 1: the second most frequent word
+        def __call__(self, tokens):
+            return mx.where(mx.arange(task.model.embedding.weight.shape[0]) == 1, 0.0, -1e9) + mx.zeros((*tokens.shape, 1))
+
+    assert task.sample(SecondMostFrequent(), 3, 1.0) == f" {second}" * 3
 
 
 def test_metrics_by_hand_on_a_uniform_model(tmp_path):
@@ -163,8 +238,8 @@ def test_metrics_by_hand_on_a_uniform_model(tmp_path):
     vocab = task.model.embedding.weight.shape[0]
 
     class Uniform(nn.Module):
-        def __call__(self, tokens):
-            return mx.zeros((*tokens.shape, vocab))
+        def nll(self, tokens, targets):
+            return nn.losses.cross_entropy(mx.zeros((*tokens.shape, vocab)), targets, reduction="none")
 
     metrics, _ = task.evaluate(Uniform(), final=True)
     valid = (ptb / "ptb.valid.txt").read_text()
@@ -205,8 +280,9 @@ def test_a_few_steps_lower_the_loss_and_sample(tmp_path, corpus, capsys):
     assert sample  # the generated text is printed last
 
 
-def test_lm_compiled_equals_eager(tmp_path, corpus):
-    args = ["--dataset", str(corpus), "--steps", "6", "--warmup", "2"]
+@pytest.mark.parametrize("softmax", ["full", "class"])
+def test_lm_compiled_equals_eager(tmp_path, corpus, softmax):
+    args = ["--dataset", str(corpus), "--steps", "6", "--warmup", "2", "--softmax", softmax]
     assert losses(run_lm(tmp_path, *args, name="c")) == losses(run_lm(tmp_path, *args, "--no-compile", name="e"))
 
 
