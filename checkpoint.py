@@ -17,7 +17,8 @@ from mlx.utils import tree_flatten, tree_unflatten
 # Settings that change what the saved arrays mean; a checkpoint only resumes a run with equal ones.
 IDENTITY = ["task", "dataset", "model", "optimizer", "lr", "eps", "initial_accumulator_value", "lr_decay",
             "weight_decay", "schedule", "warmup", "augment_shift", "batch_size", "epochs", "seed", "layers", "dim", "heads",
-            "context", "vocab_size", "tokenizer", "dropout", "positions", "world_size", "l1", "l2", "rowwise_embeddings"]
+            "context", "vocab_size", "tokenizer", "softmax", "dropout", "positions", "world_size", "l1", "l2",
+            "rowwise_embeddings"]
 
 
 class CheckpointError(Exception):

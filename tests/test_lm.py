@@ -297,6 +297,15 @@ def test_lm_resume_equals_uninterrupted(tmp_path, corpus):
     assert untimed(resumed[-1]) == untimed(whole[-1])
 
 
+def test_checkpoint_with_another_output_layer_is_refused(tmp_path, corpus, capsys):
+    ckpt = str(tmp_path / "ckpt")
+    run_lm(tmp_path, "--dataset", str(corpus), "--steps", "2", "--checkpoint-dir", ckpt)
+    capsys.readouterr()  # the run's own output
+    error = one_line_error(capsys, [*TINY_MODEL, "--cache-dir", str(tmp_path / "cache"), "--dataset", str(corpus),
+                                    "--softmax", "class", "--checkpoint-dir", ckpt, "--resume"])
+    assert "another run configuration" in error and "softmax='full' (now 'class')" in error
+
+
 def one_line_error(capsys, argv):
     with pytest.raises(SystemExit) as exit_:
         train.main(argv)
