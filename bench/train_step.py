@@ -116,8 +116,9 @@ def torch_transformer(torch, tnn, vocab, softmax, layers):
             self.embedding = tnn.Embedding(vocab, dim)
             self.blocks = tnn.Sequential(*[Block(dim) for _ in range(layers)])
             self.norm, self.drop = tnn.LayerNorm(dim), tnn.Dropout(DROPOUT["transformer"])
-            self.size = math.ceil(math.sqrt(vocab))
-            self.classes = tnn.Linear(dim, -(-vocab // self.size), bias=False)
+            if softmax == "class":
+                self.size = math.ceil(math.sqrt(vocab))
+                self.classes = tnn.Linear(dim, -(-vocab // self.size), bias=False)
 
         def forward(self, tokens, targets):
             h = self.norm(self.blocks(self.drop(self.embedding(tokens)))).flatten(0, 1)
