@@ -8,7 +8,9 @@ convolutions (batch 128): forward, and forward with the gradients training needs
 (1,024 words, one default batch; 128 wide, 10,261 words): the compiled forward and backward of its
 matmul alone, with MLX's cross-entropy, with the full softmax's own (which takes exp once a logit,
 not twice), and the class-factored softmax train.py uses for PTB (models/transformer.py,
-ClassSoftmax). Timed as bench/train_step.py times its variants: in turns, median.
+ClassSoftmax). The Tiny Shakespeare LM's training step, its output layer, and the matmuls of one
+of its blocks (1,024 tokens).
+Timed as bench/train_step.py times its variants: in turns, median.
 """
 
 import argparse
@@ -27,7 +29,7 @@ import mlx.optimizers as optim  # noqa: E402
 import numpy as np  # noqa: E402
 
 from adagrad import Adagrad  # noqa: E402
-from bench.train_step import CONTEXT, LM_BATCH, LM_DIM, VOCAB, median_seconds  # noqa: E402
+from bench.train_step import CONTEXT, LM_BATCH, LM_DIM, VOCAB, make_batch, median_seconds, mlx_stepper  # noqa: E402
 from data.mnist import random_shift  # noqa: E402
 from models.cnn import CNN  # noqa: E402
 from models.mlp import MLP  # noqa: E402
@@ -91,6 +93,18 @@ def class_output_layer(words=LM_BATCH * CONTEXT, dim=LM_DIM, vocab=VOCAB["ptb"])
     return lambda: mx.eval(grad())
 
 
+def block_matmuls(tokens=LM_BATCH * CONTEXT, dim=LM_DIM):
+    """The matmuls of one transformer block (qkv, attention output, the MLP's two), forward and backward."""
+    shapes = [(dim, 3 * dim), (dim, dim), (dim, 4 * dim), (4 * dim, dim)]
+    x, weights = mx.random.normal((tokens, dim)), [0.02 * mx.random.normal(shape) for shape in shapes]
+
+    def loss(x, qkv, out, up, down):
+        return (x @ qkv).sum() + (x @ out).sum() + ((x @ up) @ down).sum()
+
+    grad = mx.compile(mx.grad(loss, argnums=(0, 1, 2, 3, 4)))
+    return lambda: mx.eval(grad(x, *weights))
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=50)
@@ -112,6 +126,10 @@ def main():
             partial(nn.losses.cross_entropy, reduction="none")),
         "PTB output layer: matmuls + the full softmax's cross-entropy (one exp a logit)": output_layer(softmax_cross_entropy),
         "PTB output layer: class-factored softmax (train.py's for PTB)": class_output_layer(),
+        "Tiny Shakespeare LM step (4 x 128, 1,024 tokens), as bench/train_step.py's lm row": mlx_stepper(
+            "lm", *make_batch("lm", np.random.default_rng(0)), compiled=True, threads=1),
+        "Tiny Shakespeare output layer (1,024 words), full softmax": output_layer(softmax_cross_entropy, vocab=VOCAB["lm"]),
+        "LM: one block's matmuls (1,024 tokens, 128 wide), forward + backward": block_matmuls(),
     }
     seconds = median_seconds(cases, args.steps)
     print(f"BLAS: {BLAS}, 1 thread; mlx {mx.__version__}")
