@@ -271,10 +271,10 @@ def setup_lm(args):
     splits = text.load_splits(args.dataset, args.data_dir)
     sp = text.tokenizer(splits["train"], args.vocab_size, args.tokenizer, args.cache_dir)
     tokens = {split: text.encode(sp, t) for split, t in splits.items()}
-    ids = np.arange(sp.vocab_size())  # ids[model's token id] = SentencePiece id
+    sp_ids = np.arange(sp.vocab_size())  # sp_ids[the model's token id] = SentencePiece's id
     if args.softmax == "class":  # its classes are runs of ids: renumber the vocabulary by training frequency
-        ids = text.by_frequency(tokens["train"], sp.vocab_size())
-        tokens = {split: np.argsort(ids).astype(np.int32)[t] for split, t in tokens.items()}
+        sp_ids = text.by_frequency(tokens["train"], sp.vocab_size())
+        tokens = {split: np.argsort(sp_ids).astype(np.int32)[t] for split, t in tokens.items()}
     if len(tokens["valid"]) < args.context + 1:
         raise DataError(f"--context {args.context} is longer than the validation split ({len(tokens['valid']) - 1} "
                         f"tokens): use a smaller --context")
@@ -297,12 +297,12 @@ def setup_lm(args):
 
     def sample(model, count, temperature):
         model.eval()
-        sampled, key = [int(np.flatnonzero(ids == sp.bos_id())[0])], mx.random.key(args.seed)
+        sampled, key = [int(np.flatnonzero(sp_ids == sp.bos_id())[0])], mx.random.key(args.seed)
         for _ in range(count):
             logits = model(mx.array([sampled[-args.context:]]))[0, -1]
             key, subkey = mx.random.split(key)
             sampled.append(mx.random.categorical(logits / temperature, key=subkey).item())
-        return text.decode(sp, ids[sampled[1:]].tolist())
+        return text.decode(sp, sp_ids[sampled[1:]].tolist())
 
     return SimpleNamespace(
         model=model, evaluate=evaluate, unit="tokens", per_batch=lambda batch: batch[1].size, sample=sample,
