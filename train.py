@@ -146,7 +146,7 @@ def check_args(args):
             setattr(args, key, value)
     if args.epochs is None and args.task == "mnist":
         args.epochs = MNIST_EPOCHS[args.model]
-    for key, value in LM_RECIPES.get(args.dataset, LM_RECIPES["other"]).items():
+    for key, value in LM_RECIPES.get(args.dataset, LM_RECIPES["other"]).items():  # mnist too: its unused lm options
         if getattr(args, key) is None:
             setattr(args, key, value)
     if args.dropout is None:
@@ -297,7 +297,7 @@ def setup_lm(args):
 
     def sample(model, count, temperature):
         model.eval()
-        sampled, key = [int(np.flatnonzero(sp_ids == sp.bos_id())[0])], mx.random.key(args.seed)
+        sampled, key = [int(np.argsort(sp_ids)[sp.bos_id()])], mx.random.key(args.seed)
         for _ in range(count):
             logits = model(mx.array([sampled[-args.context:]]))[0, -1]
             key, subkey = mx.random.split(key)

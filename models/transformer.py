@@ -68,9 +68,9 @@ def softmax_cross_entropy(logits, targets):
     """Per-target cross-entropy, as nn.losses.cross_entropy(..., reduction="none").
 
     Differentiating nn.losses.cross_entropy takes exp of every logit twice, in logsumexp going
-    forward and in the softmax of its vjp. MLX's CPU exp costs ~13 ns an element, so on PTB's
-    10,261-word output that was over half a step. loss_and_softmax keeps the forward's softmax for
-    its own vjp: one exp a logit.
+    forward and in the softmax of its vjp. MLX's CPU exp costs ~13 ns an element, so on a
+    10,261-word output (PTB before ClassSoftmax) that was over half a step. loss_and_softmax keeps
+    the forward's softmax for its own vjp: one exp a logit.
     """
     return loss_and_softmax(logits, targets)[0]
 
@@ -104,9 +104,9 @@ class ClassSoftmax(nn.Module):
         shape, h, targets = targets.shape, h.reshape(-1, h.shape[-1]), targets.reshape(-1)
         # Sorted by class, the tokens of a class form one block: gather_mm's gradient is then a
         # segmented matmul instead of a scatter (50 ms -> 4 ms for PTB's 1,024 tokens).
-        order = mx.argsort(targets // self.size)
-        h, targets = h[order], targets[order]
-        target_class, position = targets // self.size, targets % self.size
+        target_class = targets // self.size
+        order = mx.argsort(target_class)
+        h, target_class, position = h[order], target_class[order], targets[order] % self.size
         class_logits = self.classes(h)
         word_logits = mx.gather_mm(h[:, None], self.class_words(words), rhs_indices=target_class,
                                    sorted_indices=True)[:, 0]
