@@ -23,8 +23,10 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import blas
+import jit
 
 BLAS = blas.load_optimized_blas()  # must run before mlx.core is imported
+KERNELS = jit.use_native_kernels()  # before the first compiled call
 
 import mlx.core as mx  # noqa: E402
 import mlx.nn as nn  # noqa: E402
@@ -337,6 +339,7 @@ def run_header(args, command, world):
         "config": {**{k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}, "world_size": world},
         "mlx": mx.__version__, "numpy": np.__version__, "python": platform.python_version(),
         "platform": platform.platform(), "machine": platform.machine(), "blas": f"{BLAS}, {blas.threads()} threads",
+        "kernels": KERNELS,
     }
 
 
@@ -355,6 +358,7 @@ def train(args, command):
     say = print if rank == 0 else (lambda *_, **__: None)
     blas.set_threads(args.blas_threads)
     say(f"BLAS: {BLAS}, {blas.threads()} threads" + (f"; data-parallel on {world} processes" if world > 1 else ""))
+    say(f"Compiled kernels: {KERNELS}")
     mx.set_cache_limit(CACHE_LIMIT)
     if args.batch_size < world:
         fail(f"--batch-size {args.batch_size} is smaller than the {world} processes: each needs a share of every batch")

@@ -14,11 +14,15 @@ import os
 import sys
 import time
 
-import mlx.core as mx
-import mlx.optimizers as optim
-import numpy as np
-
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import jit  # noqa: E402
+
+KERNELS = jit.use_native_kernels()  # as train.py builds compiled kernels
+
+import mlx.core as mx  # noqa: E402
+import mlx.optimizers as optim  # noqa: E402
+import numpy as np  # noqa: E402
+
 from adagrad import Adagrad  # noqa: E402
 
 
@@ -99,7 +103,7 @@ def main():
     except ImportError:
         has_torch = False
 
-    print(f"mlx {mx.__version__}, device {mx.default_device()}, median of {args.repeats} steps")
+    print(f"mlx {mx.__version__}, device {mx.default_device()}, compiled kernels: {KERNELS}; median of {args.repeats} steps")
     names = list(variants) + (["torch fused (1 thread)"] if has_torch else [])
     header = f"| {'N':>8} | {'floor ms':>8} | " + " | ".join(f"{n:>22}" for n in names) + " |"
     print(header)

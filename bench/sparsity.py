@@ -16,8 +16,10 @@ from functools import partial
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import blas  # noqa: E402
+import jit  # noqa: E402
 
 blas.load_optimized_blas()
+jit.use_native_kernels()
 
 import mlx.core as mx  # noqa: E402
 import mlx.nn as nn  # noqa: E402

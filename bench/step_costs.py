@@ -20,8 +20,10 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import blas  # noqa: E402
+import jit  # noqa: E402
 
 BLAS = blas.load_optimized_blas()
+KERNELS = jit.use_native_kernels()
 
 import mlx.core as mx  # noqa: E402
 import mlx.nn as nn  # noqa: E402
@@ -132,7 +134,7 @@ def main():
         "LM: one block's matmuls (1,024 tokens, 128 wide), forward + backward": block_matmuls(),
     }
     seconds = median_seconds(cases, args.steps)
-    print(f"BLAS: {BLAS}, 1 thread; mlx {mx.__version__}")
+    print(f"BLAS: {BLAS}, 1 thread; mlx {mx.__version__}; compiled kernels: {KERNELS}")
     print("| case | median ms |")
     print("|---|---|")
     for name, t in seconds.items():

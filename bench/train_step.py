@@ -21,8 +21,10 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import blas  # noqa: E402
+import jit  # noqa: E402
 
 BLAS = blas.load_optimized_blas()
+KERNELS = jit.use_native_kernels()
 
 import mlx.core as mx  # noqa: E402
 import mlx.nn as nn  # noqa: E402
@@ -199,7 +201,7 @@ def main():
     except ImportError:
         torch_version = None
     rng = np.random.default_rng(0)
-    print(f"BLAS: {BLAS}; mlx {mx.__version__}; torch {torch_version or 'not installed'}")
+    print(f"BLAS: {BLAS}; mlx {mx.__version__}; compiled kernels: {KERNELS}; torch {torch_version or 'not installed'}")
     names = ["mlx compiled, 1 thread", "mlx compiled, 2 threads", "mlx eager, 1 thread"]
     names += ["torch, fused Adagrad, 1 thread", "torch, fused Adagrad, 2 threads"] if torch_version else []
     print("| model | unit | " + " | ".join(names) + " | mlx / torch, 1 thread | mlx / torch, 2 threads |")

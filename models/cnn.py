@@ -1,6 +1,8 @@
 import mlx.core as mx
 import mlx.nn as nn
 
+from models.dense import Dense
+
 
 class CNN(nn.Module):
     """Two 3x3 conv + max-pool blocks (32, 64 channels), then 128 hidden units; takes uint8 NHWC images."""
@@ -9,8 +11,8 @@ class CNN(nn.Module):
         super().__init__()
         self.convs = [nn.Conv2d(1, channels[0], 3, padding=1), nn.Conv2d(channels[0], channels[1], 3, padding=1)]
         self.pool = nn.MaxPool2d(2, 2)
-        self.fc = nn.Linear(7 * 7 * channels[1], hidden)
-        self.head = nn.Linear(hidden, num_classes)
+        self.fc = Dense(7 * 7 * channels[1], hidden)
+        self.head = Dense(hidden, num_classes)
         self.dropout = nn.Dropout(dropout)
 
     def __call__(self, images):

@@ -3,15 +3,46 @@ import math
 import mlx.core as mx
 import mlx.nn as nn
 
+from models.dense import Dense
+
+
+@mx.custom_function
+def softmax(scores):
+    """softmax over the last axis, as mx.softmax computes it: p = exp(s - max s) * (1 / sum exp(s - max s)).
+
+    Written out so that mx.compile fuses exp into a kernel it builds (with jit.py, for this CPU's vector
+    units) instead of running MLX's scalar softmax kernel; same operations, same bits.
+    """
+    exps = mx.exp(scores - scores.max(axis=-1, keepdims=True))
+    return exps * (1 / exps.sum(axis=-1, keepdims=True))
+
+
+@softmax.vjp
+def softmax_vjp(primals, cotangents, outputs):
+    """d/ds: p * g - p * sum(p * g), as MLX's softmax differentiates."""
+    p, g = outputs, cotangents  # one input, one output: arrays, not tuples
+    pg = p * g
+    return pg - p * pg.sum(axis=-1, keepdims=True)
+
+
+def causal_attention(q, k, v, scale: float):
+    """softmax(scale q k^T, future keys masked) v, in the operations of the CPU fallback of
+    mx.fast.scaled_dot_product_attention(..., mask="causal"), with the softmax above (same bits)."""
+    scores = (mx.array(scale, q.dtype) * q) @ k.swapaxes(-1, -2)
+    length = q.shape[-2]
+    causal = mx.arange(length)[:, None] >= mx.arange(length)[None]
+    scores = mx.where(causal, scores, mx.array(mx.finfo(scores.dtype).min, scores.dtype))
+    return softmax(scores) @ v
+
 
 class Attention(nn.Module):
-    """Causal multi-head self-attention through mx.fast.scaled_dot_product_attention."""
+    """Causal multi-head self-attention."""
 
     def __init__(self, dim: int, heads: int, rope: bool):
         super().__init__()
         self.heads = heads
-        self.qkv = nn.Linear(dim, 3 * dim, bias=False)
-        self.out = nn.Linear(dim, dim, bias=False)
+        self.qkv = Dense(dim, 3 * dim, bias=False)
+        self.out = Dense(dim, dim, bias=False)
         self.rope = nn.RoPE(dim // heads) if rope else None
 
     def __call__(self, x):
@@ -19,8 +50,7 @@ class Attention(nn.Module):
         q, k, v = self.qkv(x).reshape(batch, length, 3, self.heads, -1).transpose(2, 0, 3, 1, 4)
         if self.rope is not None:
             q, k = self.rope(q), self.rope(k)
-        scale = 1.0 / math.sqrt(dim // self.heads)
-        attended = mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask="causal")
+        attended = causal_attention(q, k, v, scale=1.0 / math.sqrt(dim // self.heads))
         return self.out(attended.transpose(0, 2, 1, 3).reshape(batch, length, dim))
 
 
@@ -34,7 +64,7 @@ class Block(nn.Module):
         self.mlp_norm = nn.LayerNorm(dim)
         # ReLU, not GELU: on MLX's CPU backend erf/exp cost ~12-28 ns an element, which made
         # GELU slower than all the matmuls of the block together.
-        self.mlp = nn.Sequential(nn.Linear(dim, 4 * dim), nn.ReLU(), nn.Linear(4 * dim, dim))
+        self.mlp = nn.Sequential(Dense(dim, 4 * dim), nn.ReLU(), Dense(4 * dim, dim))
         self.dropout = nn.Dropout(dropout)
 
     def __call__(self, x):
@@ -50,10 +80,12 @@ def loss_and_softmax(logits, targets):
 
     p is returned for the vjp below, which reuses it (it is not differentiated itself).
     """
-    shifted = logits - logits.max(axis=-1, keepdims=True)
-    exps = mx.exp(shifted)
+    top = logits.max(axis=-1, keepdims=True)
+    # exp(logits - top) written apart from the target's shifted logit, so that mx.compile fuses the
+    # subtraction and exp into one built kernel (a lone exp runs MLX's slower scalar one; jit.py).
+    exps = mx.exp(logits - top)
     total = exps.sum(axis=-1, keepdims=True)
-    loss = mx.log(total)[..., 0] - mx.take_along_axis(shifted, targets[..., None], axis=-1)[..., 0]
+    loss = mx.log(total)[..., 0] - (mx.take_along_axis(logits, targets[..., None], axis=-1) - top)[..., 0]
     return loss, exps / total
 
 
@@ -91,7 +123,7 @@ class ClassSoftmax(nn.Module):
         super().__init__()
         self.size = math.ceil(math.sqrt(vocab_size))
         self.vocab_size, classes = vocab_size, -(-vocab_size // self.size)
-        self.classes = nn.Linear(dim, classes, bias=False)
+        self.classes = Dense(dim, classes, bias=False)
         self._real = (mx.arange(classes * self.size) < vocab_size).reshape(classes, self.size)  # the last class is padded
 
     def class_words(self, words):
