@@ -19,6 +19,9 @@ IDENTITY = ["task", "dataset", "model", "optimizer", "lr", "eps", "initial_accum
             "weight_decay", "schedule", "warmup", "augment_shift", "batch_size", "epochs", "seed", "layers", "dim", "heads",
             "context", "vocab_size", "tokenizer", "softmax", "dropout", "positions", "world_size", "l1", "l2",
             "rowwise_embeddings"]
+# Version 2 stores dense layers' weights (in, out) (models/dense.py); version 1 had nn.Linear's (out, in),
+# which a square layer would load silently transposed.
+FORMAT = 2
 
 
 class CheckpointError(Exception):
@@ -51,7 +54,7 @@ def save(directory, model, optimizer, run_state: dict, group=None):
     arrays = {f"model.{k}": v for k, v in tree_flatten(model.parameters())}
     arrays.update({f"optimizer.{k}": v for k, v in tree_flatten(optimizer.state)})
     arrays["rng.keys"] = keys
-    text = json.dumps(run_state, indent=1, sort_keys=True)
+    text = json.dumps({**run_state, "format": FORMAT}, indent=1, sort_keys=True)
     _atomic_write(directory / "checkpoint.safetensors",
                   lambda tmp: mx.save_safetensors(str(tmp), arrays, metadata={"run_state": text}))
     _atomic_write(directory / "checkpoint.json", lambda tmp: tmp.write_text(text + "\n"))
@@ -70,6 +73,9 @@ def load(directory, model, optimizer, config: dict, rank: int = 0) -> dict:
         run_state = json.loads(metadata["run_state"])
     except Exception as e:  # noqa: BLE001 - any unreadable file gets the same one-line answer
         raise CheckpointError(f"{path} is not a readable checkpoint ({e}): delete it or use another --checkpoint-dir") from None
+    if run_state.get("format", 1) != FORMAT:
+        raise CheckpointError(f"{path} is in checkpoint format {run_state.get('format', 1)}, from another version of "
+                              f"mlx-adagrad (this one reads format {FORMAT}): resume with that version or use a new --checkpoint-dir")
     saved = run_state["config"]
     differ = [k for k in IDENTITY if saved.get(k) != config.get(k)]
     if differ:

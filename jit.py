@@ -14,8 +14,8 @@ use_native_kernels() puts a `g++` first on PATH that adds
     -ffp-contract=off   no multiply-adds the source did not write, so every kernel rounds as
                         before: compiled still equals eager bit for bit
 
-and moves MLX's kernel cache (via TMPDIR) to a folder of its own per CPU model, so kernels
-built with other flags, or for another CPU, are never loaded. Opt out with MLX_ADAGRAD_NATIVE_KERNELS=0.
+and moves MLX's kernel cache (via TMPDIR) to a folder of its own per CPU model, compiler and flags,
+so kernels built another way, or for another CPU, are never loaded. Opt out with MLX_ADAGRAD_NATIVE_KERNELS=0.
 """
 
 import hashlib
@@ -28,14 +28,15 @@ FLAGS = "-march=native -fno-math-errno -ffp-contract=off"
 _line = None
 
 
-def _cpu_id() -> str:
-    """A short hash of the CPU's model name and feature flags: -march=native builds for exactly these."""
+def _build_id(compiler: str) -> str:
+    """A short hash of the CPU's model and features (-march=native builds for exactly these), the compiler
+    and FLAGS: kernels built any other way live in another folder."""
     try:
         info = Path("/proc/cpuinfo").read_text()
     except OSError:
         info = platform.processor()
     lines = sorted({line for line in info.splitlines() if line.startswith(("model name", "flags"))})
-    return hashlib.sha256("\n".join(lines).encode()).hexdigest()[:12]
+    return hashlib.sha256("\n".join([*lines, compiler, FLAGS]).encode()).hexdigest()[:12]
 
 
 def _install_wrapper(folder: Path, compiler: str):
@@ -66,7 +67,7 @@ def use_native_kernels(cache_root: Path = Path.home() / ".cache" / "mlx-adagrad-
     elif compiler is None:
         _line = "none: g++ not found, so mx.compile cannot build kernels (apt-get install g++)"
     else:
-        folder = cache_root / _cpu_id()
+        folder = cache_root / _build_id(compiler)
         try:
             _install_wrapper(folder, compiler)
         except OSError as e:

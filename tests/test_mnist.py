@@ -201,6 +201,22 @@ def test_checkpoint_from_another_config_is_refused(tmp_path, capsys):
         assert "another run configuration" in error and other[0][2:] in error
 
 
+def test_checkpoint_of_an_older_format_is_refused(tmp_path, capsys):
+    # Format 1 stored dense weights (out, in): a square layer would load silently transposed.
+    write_small_mnist(tmp_path)
+    ckpt = tmp_path / "ckpt"
+    run_train(tmp_path, "--steps", "3", "--checkpoint-dir", str(ckpt))
+    arrays, metadata = mx.load(str(ckpt / "checkpoint.safetensors"), return_metadata=True)
+    run_state = json.loads(metadata["run_state"])
+    assert run_state.pop("format") == 2
+    mx.save_safetensors(str(ckpt / "checkpoint.safetensors"), arrays, metadata={"run_state": json.dumps(run_state)})
+    with pytest.raises(SystemExit) as exit_:
+        run_train(tmp_path, "--checkpoint-dir", str(ckpt), "--resume")
+    assert exit_.value.code == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "checkpoint format 1" in error and "new --checkpoint-dir" in error, error
+
+
 def test_diverging_run_stops_and_keeps_last_good_checkpoint(tmp_path, capsys):
     write_small_mnist(tmp_path)
     ckpt = tmp_path / "ckpt"
