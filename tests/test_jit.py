@@ -57,8 +57,8 @@ def test_compiled_kernels_round_as_eager_ones():
     # The tests run with jit.use_native_kernels() (conftest.py). Vector sqrt, divide and MLX's exp
     # polynomial (fma) must give the bits of MLX's own scalar kernels: -ffp-contract=off, no fast-math.
     rng = np.random.default_rng(0)
-    x = mx.array(np.concatenate([rng.normal(0, 30, 4093), [0.0, -0.0, 88.5, -88.5, -1e30, np.inf, -np.inf]]), mx.float32)
-    v = mx.abs(x) + mx.array(rng.random(x.size), mx.float32)
+    x = mx.array(np.concatenate([rng.normal(0, 30, 4093), [0.0, -0.0, 88.5, -88.5, -1e30, np.inf, -np.inf, np.nan]]), mx.float32)
+    v = mx.abs(x) + mx.array(rng.random(x.size), mx.float32)  # NaN where x is
 
     def ops(x, v):
         return (mx.exp(x - 0.5), x * 0.01 / (mx.sqrt(v) + 1e-8), x * 1.3 + v, x * v - 0.7, mx.log(v + 1) * x,
