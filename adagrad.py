@@ -46,7 +46,7 @@ How it relates to other libraries:
     * ``mlx.optimizers.Adagrad(lr, eps)``: with the defaults and float32 parameters
       this class gives bit-identical weights and state. It adds the options above,
       low-precision safety, and an update that rewrites w and v in place (MLX's
-      allocates both anew every step): 2.3x faster on a 1e7-parameter step.
+      allocates both anew every step): 2.3-6x faster on a 1e7-parameter CPU step.
     * ``torch.optim.Adagrad``: same formula (eps after the sqrt), but eps defaults to
       1e-10. ``initial_accumulator_value``, ``lr_decay`` and ``weight_decay`` follow it
       exactly; pass ``eps=1e-10`` to match a torch run.
@@ -88,6 +88,10 @@ freezes ``v`` at its initial value inside the compiled graph, so every step sees
 ``optimizer.init`` after compiling, or assigning ``optimizer.state`` afterwards,
 leaves the compiled step holding the old state object. A schedule is fine: it is a
 function of ``optimizer.step``, which is in the captured state, so it never recompiles.
+
+Speed on a CPU: MLX returns nn.Linear's weight gradient as a transposed view, so this
+elementwise update (any optimizer's) reads it column by column; a weight stored (in, out)
+and applied as ``x @ w`` gets a row-major gradient, and its update ran 5x faster here.
 
 Saving and resuming::
 

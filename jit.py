@@ -24,6 +24,7 @@ import hashlib
 import os
 import platform
 import shutil
+import subprocess
 from pathlib import Path
 
 FLAGS = "-march=native -fno-math-errno -fno-trapping-math -ffp-contract=off -finline-limit=10000"
@@ -42,12 +43,18 @@ def _build_id(compiler: str) -> str:
 
 
 def _install_wrapper(folder: Path, compiler: str):
-    """Write folder/g++, a script that runs `compiler` with FLAGS, atomically; make folder/tmp."""
+    """Write folder/g++, a script that runs `compiler` with FLAGS, atomically; make folder/tmp.
+
+    Raises OSError if `compiler` rejects FLAGS (then MLX keeps its own)."""
     (folder / "tmp").mkdir(parents=True, exist_ok=True)
     wrapper = folder / "g++"
     script = f'#!/bin/sh\nexec "{compiler}" {FLAGS} "$@"\n'
     if wrapper.exists() and wrapper.read_text() == script:
         return
+    check = subprocess.run([compiler, *FLAGS.split(), "-x", "c++", "-fsyntax-only", "-"], input="int main() {}\n",
+                           capture_output=True, text=True)
+    if check.returncode != 0:
+        raise OSError(0, f"{compiler} rejects {FLAGS}: {(check.stderr.strip().splitlines() or ['no message'])[-1]}")
     partial = folder / f".g++.{os.getpid()}.tmp"
     partial.write_text(script)
     partial.chmod(0o755)
@@ -73,7 +80,7 @@ def use_native_kernels(cache_root: Path = Path.home() / ".cache" / "mlx-adagrad-
         try:
             _install_wrapper(folder, compiler)
         except OSError as e:
-            _line = f"MLX's default flags (cannot write {folder}: {e.strerror})"
+            _line = f"MLX's default flags ({e.strerror}, in {folder})"
         else:
             os.environ["PATH"] = f"{folder}{os.pathsep}{os.environ.get('PATH', '')}"
             os.environ["TMPDIR"] = str(folder / "tmp")

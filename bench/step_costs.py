@@ -8,8 +8,10 @@ convolutions (batch 128): forward, and forward with the gradients training needs
 (1,024 words, one default batch; 128 wide, 10,261 words): the compiled forward and backward of its
 matmul alone, with MLX's cross-entropy, with the full softmax's own (which takes exp once a logit,
 not twice), and the class-factored softmax train.py uses for PTB (models/transformer.py,
-ClassSoftmax). The Tiny Shakespeare LM's training step, its output layer, and the matmuls of one
-of its blocks (1,024 tokens).
+ClassSoftmax). The Tiny Shakespeare LM's training step, its output layer, the matmuls of one
+of its blocks and the whole block (1,024 tokens). An Adagrad update with the gradient column-major
+(as MLX returns nn.Linear's) and row-major (models/dense.py's), and a sum over the last axis in
+MLX and in NumPy.
 Timed as bench/train_step.py times its variants: in turns, median.
 """
 
@@ -35,7 +37,7 @@ from bench.train_step import CONTEXT, LM_BATCH, LM_DIM, VOCAB, make_batch, media
 from data.mnist import random_shift  # noqa: E402
 from models.cnn import CNN  # noqa: E402
 from models.mlp import MLP  # noqa: E402
-from models.transformer import ClassSoftmax, softmax_cross_entropy  # noqa: E402
+from models.transformer import Block, ClassSoftmax, softmax_cross_entropy  # noqa: E402
 from train import CACHE_LIMIT  # noqa: E402
 
 
@@ -107,6 +109,38 @@ def block_matmuls(tokens=LM_BATCH * CONTEXT, dim=LM_DIM):
     return lambda: mx.eval(grad(x, *weights))
 
 
+def adagrad_update(column_major, shape=(784, 512)):
+    """One Adagrad update of a weight whose gradient is row-major, or column-major as nn.Linear's comes
+    back from MLX (the transpose of x.T @ dy); models/dense.py stores weights so that it is row-major."""
+    optimizer, box = Adagrad(0.01), {"params": {"w": mx.random.normal(shape)}}
+    grads = {"w": mx.random.normal(shape[::-1]).T if column_major else mx.random.normal(shape)}
+    optimizer.init(box["params"])
+    mx.eval(box, grads, optimizer.state)
+    apply = mx.compile(optimizer.apply_gradients, inputs=optimizer.state, outputs=optimizer.state)
+
+    def step():
+        box["params"] = apply(grads, box["params"])
+        mx.eval(box["params"], optimizer.state)
+
+    return step
+
+
+def row_sum(framework, shape=(LM_BATCH * CONTEXT, 4 * LM_DIM)):
+    """Sum over the last axis: MLX's CPU reduction adds one element at a time; NumPy's vectorises."""
+    x = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
+    if framework == "numpy":
+        return lambda: x.sum(axis=-1)
+    x = mx.array(x)
+    return lambda: mx.eval(x.sum(axis=-1))
+
+
+def block_step(tokens=LM_BATCH * CONTEXT, dim=LM_DIM):
+    """One transformer block of the LM (layer norms, attention with RoPE, MLP), forward and backward."""
+    block, x = Block(dim, 4, 0.0, rope=True), mx.random.normal((LM_BATCH, CONTEXT, dim))
+    grad = mx.compile(nn.value_and_grad(block, lambda x: block(x).sum()))
+    return lambda: mx.eval(grad(x))
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=50)
@@ -132,6 +166,11 @@ def main():
             "lm", *make_batch("lm", np.random.default_rng(0)), compiled=True, threads=1),
         "Tiny Shakespeare output layer (1,024 words), full softmax": output_layer(softmax_cross_entropy, vocab=VOCAB["lm"]),
         "LM: one block's matmuls (1,024 tokens, 128 wide), forward + backward": block_matmuls(),
+        "LM: one whole block (layer norms, attention, RoPE, MLP), forward + backward": block_step(),
+        "Adagrad update of a 784 x 512 weight, gradient column-major (nn.Linear's)": adagrad_update(True),
+        "Adagrad update of a 784 x 512 weight, gradient row-major (models/dense.py)": adagrad_update(False),
+        "Sum over the last axis of 1,024 x 512, MLX": row_sum("mlx"),
+        "Sum over the last axis of 1,024 x 512, NumPy": row_sum("numpy"),
     }
     seconds = median_seconds(cases, args.steps)
     print(f"BLAS: {BLAS}, 1 thread; mlx {mx.__version__}; compiled kernels: {KERNELS}")

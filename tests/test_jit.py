@@ -18,9 +18,10 @@ needs_gxx = pytest.mark.skipif(platform.system() != "Linux" or shutil.which("g++
                                reason="jit.py changes how kernels are built only on Linux with g++")
 
 
-def python(code, cache, **env):
+def python(code, cache, flags=jit.FLAGS, **env):
     """Run `code` in a fresh process whose jit cache is `cache`; return its stdout."""
-    prelude = f"import jit; from pathlib import Path; print(jit.use_native_kernels(Path({str(cache)!r})))\n"
+    prelude = (f"import jit; from pathlib import Path; jit.FLAGS = {flags!r}\n"
+               f"print(jit.use_native_kernels(Path({str(cache)!r})))\n")
     result = subprocess.run([sys.executable, "-c", prelude + code], cwd=REPO, capture_output=True, text=True,
                             env={**os.environ, **env}, check=True)
     return result.stdout.splitlines()
@@ -45,6 +46,13 @@ def test_a_child_process_does_not_wrap_the_wrapper(tmp_path):
     assert python(code, tmp_path, PATH=parent_path)[1] == str([1.0] * 4)
     wrapper = next(tmp_path.glob("*/g++")).read_text()
     assert str(tmp_path) not in wrapper.split("exec", 1)[1].split()[0], wrapper
+
+
+@needs_gxx
+def test_flags_the_compiler_rejects_leave_mlx_alone(tmp_path):
+    line, path = python("import os; print(os.environ['PATH'])", tmp_path, flags="-mno-such-flag")
+    assert line.startswith("MLX's default flags") and "rejects -mno-such-flag" in line, line
+    assert str(tmp_path) not in path and not list(tmp_path.glob("*/g++"))
 
 
 def test_opt_out_leaves_mlx_alone(tmp_path):
