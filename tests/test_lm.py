@@ -14,7 +14,7 @@ import pytest
 
 import train
 from data import DataError, text
-from models.transformer import ClassSoftmax, softmax_cross_entropy
+from models.transformer import ClassSoftmax, causal_attention, softmax_cross_entropy
 
 SHARED_DATA = Path(os.environ.get("MLX_ADAGRAD_DATA", Path(__file__).parents[2] / "shared" / "data"))
 TINY_MODEL = ["--task", "lm", "--dim", "32", "--layers", "1", "--heads", "2", "--context", "16",
@@ -165,6 +165,28 @@ def test_softmax_cross_entropy_matches_mlx_loss_and_its_gradient():
     grad, ref_grad = mx.grad(ours)(logits), mx.grad(reference)(logits)
     np.testing.assert_allclose(np.array(grad), np.array(ref_grad), atol=1e-7)
     assert np.abs(np.array(grad)).max() > 0.1
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_causal_attention_is_mlx_attention_bit_for_bit(compiled):
+    # causal_attention spells out MLX's CPU scaled_dot_product_attention so that mx.compile fuses its
+    # exp; the operations are the same, so output and gradients must be the same bits.
+    q, k, v, cotangent = (mx.random.normal((2, 3, 17, 8), key=mx.random.key(i)) for i in range(4))
+    scale = 1 / math.sqrt(8)
+
+    def ours(q, k, v):
+        return (causal_attention(q, k, v, scale) * cotangent).sum()
+
+    def mlx(q, k, v):
+        return (mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask="causal") * cotangent).sum()
+
+    ours, mlx = (mx.value_and_grad(f, argnums=(0, 1, 2)) for f in (ours, mlx))
+    if compiled:
+        ours, mlx = mx.compile(ours), mx.compile(mlx)
+    (loss, grads), (mlx_loss, mlx_grads) = ours(q, k, v), mlx(q, k, v)
+    assert mx.array_equal(loss, mlx_loss)
+    for g, mlx_g in zip(grads, mlx_grads):
+        assert mx.array_equal(g, mlx_g)
 
 
 @pytest.mark.parametrize("vocab", [100, 103])  # 10 classes of 10 words; 11 of 11, the last with 7 and 4 padding
