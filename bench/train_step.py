@@ -6,9 +6,9 @@ Every variant trains the same architecture on the same random batch with Adagrad
 (ours in MLX; torch.optim.Adagrad(fused=True) in PyTorch, when torch is installed),
 at the recipes' defaults (MNIST 128 images; LM 128 wide, 16 windows of 64 tokens, with Tiny
 Shakespeare's 4 blocks, 1,024 BPE tokens and a full softmax (lm), or PTB's 2 blocks, 10,261 words
-and the class-factored softmax (ptb)), and with train.py's loss. MLX runs with
-OpenBLAS on 1 thread (train.py's bit-reproducible default) and on 2; PyTorch on 1 and on 2,
-and each ratio compares the two at the same number of threads.
+and the class-factored softmax (ptb)), and with train.py's loss, models and compiled kernels
+(jit.py). MLX runs with OpenBLAS on 1 thread (train.py's bit-reproducible default) and on 2;
+PyTorch on 1 and on 2, and each ratio compares the two at the same number of threads.
 The variants take turns, a few steps at a time, so load on the machine hits all
 alike; each cell is the median step time turned into samples (or tokens) per second.
 """
