@@ -7,8 +7,9 @@
     python train.py --checkpoint-dir ckpt --steps 500 && python train.py --checkpoint-dir ckpt --resume
     mlx.launch -n 2 --backend ring -- python train.py        # data-parallel on 2 processes
 
-The training step is compiled once over the full state (model, optimizer, RNG).
-Data come from --data-dir (default $MLX_ADAGRAD_DATA, else ~/.cache/mlx-adagrad).
+The training step is compiled once over the full state (model, optimizer, RNG), its kernels built
+for this CPU (jit.py; MLX_ADAGRAD_NATIVE_KERNELS=0 keeps MLX's own build flags), with OpenBLAS when
+installed (blas.py). Data come from --data-dir (default $MLX_ADAGRAD_DATA, else ~/.cache/mlx-adagrad).
 """
 
 import argparse
@@ -57,7 +58,7 @@ DEFAULTS = {  # per task: dataset, model, batch size, epochs, schedule
 MNIST_EPOCHS = {"mlp": 24, "cnn": 12}
 AUGMENT_SHIFT = {"mlp": 1, "cnn": 2}
 DROPOUT = {"mlp": 0.1, "cnn": 0.5, "transformer": 0.0}
-# Passes over the text and transformer blocks: about 8 minutes each on a 2-core CPU (README, "Choosing the defaults").
+# Passes over the text and transformer blocks: 6-8 minutes each on a 2-core CPU (README, "Choosing the defaults").
 LM_RECIPES = {"tinyshakespeare": dict(epochs=8, layers=4), "ptb": dict(epochs=8, layers=2),
               "other": dict(epochs=1, layers=4)}
 # MLX keeps freed buffers up to this for reuse; its default here, 32 MiB, returns the LM's logits to the OS each step.
@@ -276,7 +277,8 @@ def setup_lm(args):
     sp_ids = np.arange(sp.vocab_size())  # sp_ids[the model's token id] = SentencePiece's id
     if args.softmax == "class":  # its classes are runs of ids: renumber the vocabulary by training frequency
         sp_ids = text.by_frequency(tokens["train"], sp.vocab_size())
-        tokens = {split: np.argsort(sp_ids).astype(np.int32)[t] for split, t in tokens.items()}
+    model_ids = np.argsort(sp_ids).astype(np.int32)  # the inverse: model_ids[SentencePiece's id]
+    tokens = {split: model_ids[t] for split, t in tokens.items()}
     if len(tokens["valid"]) < args.context + 1:
         raise DataError(f"--context {args.context} is longer than the validation split ({len(tokens['valid']) - 1} "
                         f"tokens): use a smaller --context")
@@ -299,7 +301,7 @@ def setup_lm(args):
 
     def sample(model, count, temperature):
         model.eval()
-        sampled, key = [int(np.argsort(sp_ids)[sp.bos_id()])], mx.random.key(args.seed)
+        sampled, key = [int(model_ids[sp.bos_id()])], mx.random.key(args.seed)
         for _ in range(count):
             logits = model(mx.array([sampled[-args.context:]]))[0, -1]
             key, subkey = mx.random.split(key)
