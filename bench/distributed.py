@@ -1,4 +1,5 @@
-"""Data-parallel throughput: train.py on 1 process against 2 under mlx.launch, in one run.
+"""Data-parallel throughput: train.py on 1 process (1 or 2 BLAS threads, or 2 streams) against 2
+under mlx.launch, in one run.
 
     MLX_ADAGRAD_DATA=../shared/data python bench/distributed.py [--tasks mnist lm] [--rounds 2]
 
@@ -21,17 +22,18 @@ REPO = Path(__file__).parents[1]
 LAUNCH = Path(sys.executable).with_name("mlx.launch")
 STEPS = {"mnist": 400, "lm": 40}
 UNIT = {"mnist": "samples/s", "lm": "tokens/s"}
-SETUPS = {  # name: (processes, OpenBLAS threads per process)
-    "1 process, 1 BLAS thread": (1, 1),
-    "1 process, 2 BLAS threads": (1, 2),
-    "2 processes (ring), 1 BLAS thread each": (2, 1),
+SETUPS = {  # name: (processes, OpenBLAS threads per process, streams per process)
+    "1 process, 1 BLAS thread": (1, 1, 1),
+    "1 process, 2 BLAS threads": (1, 2, 1),
+    "1 process, 2 streams (--streams 2), 1 BLAS thread": (1, 1, 2),
+    "2 processes (ring), 1 BLAS thread each": (2, 1, 1),
 }
 
 
-def throughput(task, processes, threads, tmp):
-    log = Path(tmp) / f"{task}-{processes}-{threads}.jsonl"
+def throughput(task, processes, threads, streams, tmp):
+    log = Path(tmp) / f"{task}-{processes}-{threads}-{streams}.jsonl"
     command = [sys.executable, str(REPO / "train.py"), "--task", task, "--steps", str(STEPS[task]),
-               "--blas-threads", str(threads), "--log-file", str(log)]
+               "--blas-threads", str(threads), "--streams", str(streams), "--log-file", str(log)]
     if processes > 1:
         command = [str(LAUNCH), "-n", str(processes), "--backend", "ring", "--", *command]
     subprocess.run(command, cwd=REPO, check=True, capture_output=True)
@@ -50,8 +52,8 @@ def main():
     with tempfile.TemporaryDirectory() as tmp:
         for round_ in range(args.rounds):
             for task in args.tasks:
-                for name, (processes, threads) in SETUPS.items():
-                    rate = throughput(task, processes, threads, tmp)
+                for name, (processes, threads, streams) in SETUPS.items():
+                    rate = throughput(task, processes, threads, streams, tmp)
                     best[task, name] = max(best.get((task, name), 0.0), rate)
                     print(f"round {round_ + 1}: {task}, {name}: {rate:,.0f} {UNIT[task]}", file=sys.stderr)
 

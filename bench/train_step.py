@@ -7,8 +7,10 @@ Every variant trains the same architecture on the same random batch with Adagrad
 at the recipes' defaults (MNIST 128 images; LM 128 wide, 16 windows of 64 tokens, with Tiny
 Shakespeare's 4 blocks, 1,024 BPE tokens and a full softmax (lm), or PTB's 2 blocks, 10,261 words
 and the class-factored softmax (ptb)), and with train.py's loss, models and compiled kernels
-(jit.py). MLX runs with OpenBLAS on 1 thread (train.py's bit-reproducible default) and on 2;
-PyTorch on 1 and on 2, and each ratio compares the two at the same number of threads.
+(jit.py). MLX runs with OpenBLAS on 1 thread (train.py's bit-reproducible default), on 2, and
+on 1 in each of 2 streams that split the batch (train.py --streams 2, also bit-reproducible);
+PyTorch on 1 thread and on 2. The ratios compare MLX on one thread with PyTorch on one, and each
+of MLX's two ways to use 2 cores with PyTorch on 2 threads.
 The variants take turns, a few steps at a time, so load on the machine hits all
 alike; each cell is the median step time turned into samples (or tokens) per second.
 """
@@ -34,7 +36,7 @@ from adagrad import Adagrad  # noqa: E402
 from models.cnn import CNN  # noqa: E402
 from models.mlp import MLP  # noqa: E402
 from models.transformer import Transformer  # noqa: E402
-from train import CACHE_LIMIT, DEFAULTS, DROPOUT, LM_RECIPES, build_parser  # noqa: E402
+from train import CACHE_LIMIT, DEFAULTS, DROPOUT, LM_RECIPES, build_parser, cpu_streams, training_step  # noqa: E402
 
 VOCAB = {"lm": 1024, "ptb": 10261}  # train.py --task lm's vocabularies: BPE default, PTB's words
 SOFTMAX = {"lm": "full", "ptb": "class"}  # and its output layers and depths for them
@@ -56,30 +58,24 @@ def make_batch(name, rng):
     return rng.integers(0, 256, (128, 28, 28, 1), dtype=np.uint8), rng.integers(0, 10, 128).astype(np.int32)
 
 
-def mlx_stepper(model_name, images, labels, compiled, threads):
+def mlx_stepper(model_name, images, labels, compiled, threads, streams=1):
     mx.random.seed(0)
     model = make_mlx_model(model_name)
     optimizer = Adagrad(0.02)
     optimizer.init(model.trainable_parameters())
     state = [model.state, optimizer.state, mx.random.state]
-    x, y = mx.array(images), mx.array(labels)
-
-    def loss_fn(model, x, y):  # train.py's losses: the transformer's own, MLX's cross-entropy for MNIST
-        if model_name in VOCAB:
-            return model.nll(x, y).mean()
-        return nn.losses.cross_entropy(model(x), y, reduction="mean")
-
-    def step(x, y):
-        loss, grads = nn.value_and_grad(model, loss_fn)(model, x, y)
-        optimizer.update(model, grads)
-        return loss
-
+    x, y, scale = mx.array(images), mx.array(labels), mx.array(1 / labels.size, mx.float32)
+    if model_name in VOCAB:  # train.py's losses: the transformer's own, MLX's cross-entropy for MNIST
+        token_losses = lambda model, x, y: model.nll(x, y)  # noqa: E731
+    else:
+        token_losses = lambda model, x, y: nn.losses.cross_entropy(model(x), y, reduction="none")  # noqa: E731
+    step = training_step(model, optimizer, token_losses, lambda x: x, cpu_streams(streams))  # train.py's step
     if compiled:
         step = mx.compile(step, inputs=state, outputs=state)
 
     def run():
         blas.set_threads(threads)
-        mx.eval(step(x, y), state)
+        mx.eval(step(x, y, scale), state)
 
     return run
 
@@ -202,20 +198,23 @@ def main():
         torch_version = None
     rng = np.random.default_rng(0)
     print(f"BLAS: {BLAS}; mlx {mx.__version__}; compiled kernels: {KERNELS}; torch {torch_version or 'not installed'}")
-    names = ["mlx compiled, 1 thread", "mlx compiled, 2 threads", "mlx eager, 1 thread"]
+    names = ["mlx compiled, 1 thread", "mlx compiled, 2 BLAS threads", "mlx compiled, 2 streams", "mlx eager, 1 thread"]
     names += ["torch, fused Adagrad, 1 thread", "torch, fused Adagrad, 2 threads"] if torch_version else []
-    print("| model | unit | " + " | ".join(names) + " | mlx / torch, 1 thread | mlx / torch, 2 threads |")
-    print("|---" * (len(names) + 4) + "|")
+    ratio_names = ["mlx / torch, 1 thread", "mlx 2 BLAS threads / torch 2 threads", "mlx 2 streams / torch 2 threads"]
+    print("| model | unit | " + " | ".join(names + ratio_names) + " |")
+    print("|---" * (len(names) + len(ratio_names) + 2) + "|")
     for model_name in args.model:
         images, labels = make_batch(model_name, rng)
         steppers = {names[0]: mlx_stepper(model_name, images, labels, True, 1),
                     names[1]: mlx_stepper(model_name, images, labels, True, 2),
-                    names[2]: mlx_stepper(model_name, images, labels, False, 1)}
+                    names[2]: mlx_stepper(model_name, images, labels, True, 1, streams=2),
+                    names[3]: mlx_stepper(model_name, images, labels, False, 1)}
         if torch_version:
-            steppers[names[3]] = torch_stepper(model_name, images, labels, 1)
-            steppers[names[4]] = torch_stepper(model_name, images, labels, 2)
+            steppers[names[4]] = torch_stepper(model_name, images, labels, 1)
+            steppers[names[5]] = torch_stepper(model_name, images, labels, 2)
         rate = {name: labels.size / seconds for name, seconds in median_seconds(steppers, args.steps).items()}
-        ratios = [f"{rate[names[0]] / rate[names[3]]:.2f}x", f"{rate[names[1]] / rate[names[4]]:.2f}x"] if torch_version else ["-", "-"]
+        pairs = [(names[0], names[4]), (names[1], names[5]), (names[2], names[5])]
+        ratios = [f"{rate[a] / rate[b]:.2f}x" if torch_version else "-" for a, b in pairs]
         unit = "tokens/s" if model_name in VOCAB else "samples/s"
         print(f"| {model_name} | {unit} | " + " | ".join(f"{rate[n]:,.0f}" for n in names) + " | " + " | ".join(ratios) + " |")
 

@@ -308,8 +308,9 @@ def test_lm_compiled_equals_eager(tmp_path, corpus, softmax):
     assert losses(run_lm(tmp_path, *args, name="c")) == losses(run_lm(tmp_path, *args, "--no-compile", name="e"))
 
 
-def test_lm_resume_equals_uninterrupted(tmp_path, corpus):
-    args = ["--dataset", str(corpus), "--epochs", "2"]
+@pytest.mark.parametrize("streams", ["1", "2"])
+def test_lm_resume_equals_uninterrupted(tmp_path, corpus, streams):
+    args = ["--dataset", str(corpus), "--epochs", "2", "--streams", streams]
     whole = run_lm(tmp_path, *args, name="whole")
     ckpt = str(tmp_path / "ckpt")
     run_lm(tmp_path, *args, "--steps", "7", "--checkpoint-dir", ckpt, name="part")

@@ -4,6 +4,7 @@ import gzip
 import hashlib
 import http.server
 import json
+import math
 import os
 import threading
 import time
@@ -189,6 +190,27 @@ def test_resume_mid_epoch_equals_uninterrupted(tmp_path):
     assert evaluations(second)[-1] == evaluations(whole)[-1]
 
 
+@pytest.mark.parametrize("streams", ["2", "3"])  # 3: a batch of 32 splits 11 + 11 + 10
+def test_streams_split_the_batch_and_their_gradients_add_up(tmp_path, streams):
+    write_small_mnist(tmp_path)
+    # No dropout or augmentation, whose draws follow the parts; SGD, which (unlike Adagrad's first
+    # steps, about lr * sign(g)) does not magnify the rounding of another summation order.
+    args = ["--optimizer", "sgd", "--dropout", "0", "--augment-shift", "0", "--steps", "8"]
+    one = losses(run_train(tmp_path, *args, name="one"))
+    split = losses(run_train(tmp_path, *args, "--streams", streams, name="split"))
+    assert [step for step, _ in split] == [step for step, _ in one]
+    assert split != one  # other summation order, other last bits
+    assert all(math.isclose(a, b, rel_tol=1e-5) for (_, a), (_, b) in zip(split, one))
+
+
+def test_streams_compiled_equals_eager_and_repeats_bit_for_bit(tmp_path):
+    write_small_mnist(tmp_path)
+    args = ["--streams", "2", "--steps", "10"]
+    compiled, again = run_train(tmp_path, *args, name="compiled"), run_train(tmp_path, *args, name="again")
+    eager = run_train(tmp_path, *args, "--no-compile", name="eager")
+    assert losses(compiled) == losses(again) == losses(eager) and len(losses(eager)) == 10
+
+
 def test_checkpoint_from_another_config_is_refused(tmp_path, capsys):
     write_small_mnist(tmp_path)
     ckpt = str(tmp_path / "ckpt")
@@ -239,6 +261,8 @@ def test_diverging_run_stops_and_keeps_last_good_checkpoint(tmp_path, capsys):
         (["--weight-decay", "-0.1"], "--weight-decay must be >= 0"),
         (["--optimizer", "sgd", "--lr-decay", "0.1"], "option of --optimizer adagrad"),
         (["--resume"], "--resume needs --checkpoint-dir"),
+        (["--streams", "0"], "--streams must be > 0"),
+        (["--batch-size", "2", "--streams", "3"], "--batch-size 2 is smaller than the 1 process"),
         (["--l1", "-1"], "--l1 must be >= 0"),
         (["--optimizer", "adamw", "--l2", "0.1"], "--l2 is an option of --optimizer adagrad or adagrad-da"),
         (["--rowwise-embeddings"], "needs a model with embedding tables"),
