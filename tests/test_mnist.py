@@ -298,3 +298,10 @@ def test_l1_and_dual_averaging_run_and_report_exact_zeros(tmp_path, capsys):
         zeros_line = capsys.readouterr().out.strip().splitlines()[-1]
         assert zeros_line.startswith("L1: ") and "weights are exactly zero" in zeros_line
         assert int(zeros_line.split()[1].replace(",", "")) > 0
+
+
+def test_split_rows_cuts_as_numpy_and_never_makes_an_empty_part():
+    assert [part.tolist() for part in train.split_rows(mx.arange(5), 3)] == [[0, 1], [2, 3], [4]]
+    assert [part.tolist() for part in train.split_rows(mx.arange(1), 2)] == [[0]]  # a last batch of one row
+    rows = mx.arange(6)
+    assert train.split_rows(rows, 1)[0] is rows
