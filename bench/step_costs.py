@@ -5,7 +5,7 @@
 MNIST MLP (batch 128): the compiled training step as train.py builds it, then with one part
 removed at a time (augmentation shift, dropout, Adagrad replaced by plain SGD). The CNN's two
 convolutions (batch 128): forward, and forward with the gradients training needs, in MLX and (the
-second) as models/conv.py computes it; its first max-pooling with its gradient, both ways. PTB output layer
+second) as models/conv.py computes it. PTB output layer
 (1,024 words, one default batch; 128 wide, 10,261 words): the compiled forward and backward of its
 matmul alone, with MLX's cross-entropy, with the full softmax's own (which takes exp once a logit,
 not twice), and the class-factored softmax train.py uses for PTB (models/transformer.py,
@@ -37,7 +37,7 @@ from adagrad import Adagrad  # noqa: E402
 from bench.train_step import CONTEXT, LM_BATCH, LM_DIM, VOCAB, make_batch, median_seconds, mlx_stepper  # noqa: E402
 from data.mnist import random_shift  # noqa: E402
 from models.cnn import CNN  # noqa: E402
-from models.conv import conv3x3, max_pool2x2  # noqa: E402
+from models.conv import conv3x3  # noqa: E402
 from models.mlp import MLP  # noqa: E402
 from models.transformer import Block, ClassSoftmax, softmax_cross_entropy  # noqa: E402
 from train import CACHE_LIMIT  # noqa: E402
@@ -77,13 +77,6 @@ def cnn_conv(layer, backward, conv=mlx_conv):
         return lambda: mx.eval(conv(x, weight))
     grads = mx.compile(mx.grad(lambda w, x: conv(x, w).sum(), argnums=(0, 1) if layer else 0))
     return lambda: mx.eval(grads(weight, x))
-
-
-def max_pool(pool):
-    """Max-pooling of the first conv layer's output (128 x 28 x 28 x 32), forward and gradient."""
-    x, cotangent = mx.random.normal((128, 28, 28, 32)), mx.random.normal((128, 14, 14, 32))
-    grad = mx.compile(lambda x: mx.vjp(pool, [x], [cotangent])[1][0])
-    return lambda: mx.eval(grad(x))
 
 
 def output_layer(cross_entropy, words=LM_BATCH * CONTEXT, dim=LM_DIM, vocab=VOCAB["ptb"]):
@@ -172,8 +165,6 @@ def main():
         "CNN conv 2: forward + weight and input gradients": cnn_conv(1, True),
         "CNN conv 2, models/conv.py (nine shifted matmuls): forward": cnn_conv(1, False, conv3x3),
         "CNN conv 2, models/conv.py: forward + weight and input gradients": cnn_conv(1, True, conv3x3),
-        "CNN max-pool 2 x 2 of 128 x 28 x 28 x 32, forward + gradient: nn.MaxPool2d": max_pool(nn.MaxPool2d(2, 2)),
-        "CNN max-pool, forward + gradient: models/conv.py's max_pool2x2": max_pool(max_pool2x2),
         "PTB output layer: matmuls, forward + backward": output_layer(None),
         "PTB output layer: matmuls + nn.losses.cross_entropy": output_layer(
             partial(nn.losses.cross_entropy, reduction="none")),

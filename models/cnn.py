@@ -1,7 +1,7 @@
 import mlx.core as mx
 import mlx.nn as nn
 
-from models.conv import Conv3x3, max_pool2x2
+from models.conv import Conv3x3
 from models.dense import Dense
 
 
@@ -13,6 +13,7 @@ class CNN(nn.Module):
         # MLX's own convolution for one input channel, where unfolding is cheap (and faster than
         # nine one-column matmuls); models/conv.py's where there are several (same parameters).
         self.convs = [nn.Conv2d(1, channels[0], 3, padding=1), Conv3x3(channels[0], channels[1])]
+        self.pool = nn.MaxPool2d(2, 2)
         self.fc = Dense(7 * 7 * channels[1], hidden)
         self.head = Dense(hidden, num_classes)
         self.dropout = nn.Dropout(dropout)
@@ -20,6 +21,6 @@ class CNN(nn.Module):
     def __call__(self, images):
         x = images.astype(mx.float32) / 255.0
         for conv in self.convs:
-            x = nn.relu(max_pool2x2(conv(x)))  # = pool(relu(x)), with a quarter of the relu work
+            x = nn.relu(self.pool(conv(x)))  # = pool(relu(x)), with a quarter of the relu work
         x = self.dropout(nn.relu(self.fc(x.reshape(x.shape[0], -1))))
         return self.head(x)
