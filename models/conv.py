@@ -70,4 +70,3 @@ class Conv3x3(nn.Conv2d):
     def __call__(self, x):
         y = conv3x3(x, self.weight)
         return y + self.bias if "bias" in self else y
-

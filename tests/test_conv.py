@@ -46,7 +46,6 @@ def test_layer_has_nn_conv2d_parameters_and_draws():
     assert "bias" not in Conv3x3(8, 16, bias=False)
 
 
-
 def test_pooling_before_relu_is_relu_before_pooling_gradients_included():
     """models/cnn.py pools before the ReLU. Ties, common over MNIST's blank background (equal
     convolution outputs), must get the same gradient as in the usual order."""
