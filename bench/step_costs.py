@@ -3,16 +3,15 @@
     python bench/step_costs.py [--steps 50]
 
 MNIST MLP (batch 128): the compiled training step as train.py builds it, then with one part
-removed at a time (augmentation shift, dropout, Adagrad replaced by plain SGD). The CNN's two
-convolutions (batch 128): forward, and forward with the gradients training needs, in MLX and (the
-second) as models/conv.py computes it. PTB output layer
-(1,024 words, one default batch; 128 wide, 10,261 words): the compiled forward and backward of its
-matmul alone, with MLX's cross-entropy, with the full softmax's own (which takes exp once a logit,
-not twice), and the class-factored softmax train.py uses for PTB (models/transformer.py,
-ClassSoftmax). The Tiny Shakespeare LM's training step, its output layer, the matmuls of one
-of its blocks and the whole block (1,024 tokens). An Adagrad update with the gradient column-major
-(as MLX returns nn.Linear's) and row-major (models/dense.py's), and a sum over the last axis in
-MLX and in NumPy.
+removed at a time (augmentation shift, dropout, Adagrad replaced by plain SGD). The CNN's step
+and its two convolutions (batch 128): forward, and forward with the gradients training needs.
+PTB output layer (1,024 words, one default batch; 128 wide, 10,261 words): the compiled forward
+and backward of its matmul alone, with MLX's cross-entropy, with the full softmax's own (which
+takes exp once a logit, not twice), and the class-factored softmax train.py uses for PTB
+(models/transformer.py, ClassSoftmax). The Tiny Shakespeare LM's training step, its output layer,
+the matmuls of one of its blocks and the whole block (1,024 tokens). An Adagrad update with the
+gradient column-major (as MLX returns nn.Linear's) and row-major (models/dense.py's), and a sum
+over the last axis in MLX and in NumPy.
 Timed as bench/train_step.py times its variants: in turns, median.
 """
 
@@ -37,7 +36,6 @@ from adagrad import Adagrad  # noqa: E402
 from bench.train_step import CONTEXT, LM_BATCH, LM_DIM, VOCAB, make_batch, median_seconds, mlx_stepper  # noqa: E402
 from data.mnist import random_shift  # noqa: E402
 from models.cnn import CNN  # noqa: E402
-from models.conv import conv3x3  # noqa: E402
 from models.mlp import MLP  # noqa: E402
 from models.transformer import Block, ClassSoftmax, softmax_cross_entropy  # noqa: E402
 from train import CACHE_LIMIT  # noqa: E402
@@ -64,15 +62,12 @@ def mlp_step(dropout, make_optimizer, shift):
     return lambda: mx.eval(step(x, y), state)
 
 
-def mlx_conv(x, w):
-    return mx.conv2d(x, w, padding=1)
-
-
-def cnn_conv(layer, backward, conv=mlx_conv):
+def cnn_conv(layer, backward):
     """One conv layer of models/cnn.py at batch 128: its forward, or its forward and the gradients a
     training step needs (the weights'; for the second layer also the input's, which flows back)."""
     weight = CNN().convs[layer].weight
     x = mx.random.normal((128, 28, 28, 1) if layer == 0 else (128, 14, 14, 32))
+    conv = partial(mx.conv2d, padding=1)
     if not backward:
         return lambda: mx.eval(conv(x, weight))
     grads = mx.compile(mx.grad(lambda w, x: conv(x, w).sum(), argnums=(0, 1) if layer else 0))
@@ -159,12 +154,12 @@ def main():
         "MLP step: no dropout": mlp_step(0.0, lambda: Adagrad(0.01), 1),
         "MLP step: SGD instead of Adagrad": mlp_step(0.1, lambda: optim.SGD(0.01), 1),
         "MLP step: none of the three": mlp_step(0.0, lambda: optim.SGD(0.01), 0),
+        "CNN step (batch 128), as bench/train_step.py's cnn row": mlx_stepper(
+            "cnn", *make_batch("cnn", np.random.default_rng(0)), compiled=True, threads=1),
         "CNN conv 1 (1 -> 32 channels, 28 x 28): forward": cnn_conv(0, False),
         "CNN conv 1: forward + weight gradient": cnn_conv(0, True),
         "CNN conv 2 (32 -> 64 channels, 14 x 14): forward": cnn_conv(1, False),
         "CNN conv 2: forward + weight and input gradients": cnn_conv(1, True),
-        "CNN conv 2, models/conv.py (nine shifted matmuls): forward": cnn_conv(1, False, conv3x3),
-        "CNN conv 2, models/conv.py: forward + weight and input gradients": cnn_conv(1, True, conv3x3),
         "PTB output layer: matmuls, forward + backward": output_layer(None),
         "PTB output layer: matmuls + nn.losses.cross_entropy": output_layer(
             partial(nn.losses.cross_entropy, reduction="none")),

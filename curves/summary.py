@@ -36,5 +36,9 @@ if __name__ == "__main__":
     print("|---|---|---|---|---|")
     for path in sorted(HERE.glob("*.jsonl")):
         print(summarize(path))
-    machine = json.loads(next(HERE.glob("*.jsonl")).read_text().splitlines()[0])
-    print(f"\nMachine: {machine['platform']}, 2 cores, MLX {machine['mlx']}, BLAS {machine['blas']}.")
+    machines = {}  # the machine each run was recorded on: its platform, MLX and BLAS
+    for path in sorted(HERE.glob("*.jsonl")):
+        header = json.loads(path.read_text().splitlines()[0])
+        machines.setdefault(f"{header['platform']}, 2 cores, MLX {header['mlx']}, BLAS {header['blas']}", []).append(path.stem)
+    for machine, runs in machines.items():
+        print(f"\nMachine: {machine}" + (f" ({', '.join(runs)})." if len(machines) > 1 else "."))

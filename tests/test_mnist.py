@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import mlx.core as mx
+import mlx.nn as nn
 import numpy as np
 import pytest
 
@@ -139,6 +140,19 @@ def test_random_shift_translates_each_image_with_zero_fill():
     np.testing.assert_array_equal(np.array(mnist.random_shift(mx.array(images), max_shift=0)), images)
 
 
+def test_cnn_pools_before_relu_with_the_same_gradients():
+    """models/cnn.py pools before the ReLU. Ties, common over MNIST's blank background (equal
+    convolution outputs), must get the same gradient as in the usual order."""
+    z = mx.random.normal((2, 8, 8, 3))
+    z = mx.where(mx.random.uniform(shape=z.shape) < 0.5, mx.array(0.25), z)  # tied blocks, some positive
+    z[:, :2, :2, :] = -0.5  # and blocks tied below zero
+    cotangent = mx.random.normal((2, 4, 4, 3))
+    pool = nn.MaxPool2d(2, 2)
+    usual = mx.vjp(lambda z: pool(nn.relu(z)), [z], [cotangent])
+    swapped = mx.vjp(lambda z: nn.relu(pool(z)), [z], [cotangent])
+    assert mx.array_equal(usual[0][0], swapped[0][0]) and mx.array_equal(usual[1][0], swapped[1][0])
+
+
 # ---------------------------------------------------------------------------------------
 # train.py end to end
 
@@ -159,10 +173,10 @@ def evaluations(records):
     return [{k: v for k, v in r.items() if k != "elapsed_s"} for r in records[1:] if "test_acc" in r]
 
 
-@pytest.mark.parametrize("optimizer", ["adagrad", "adamw"])
-def test_compiled_equals_eager(tmp_path, optimizer):
+@pytest.mark.parametrize("optimizer, model", [("adagrad", "mlp"), ("adamw", "mlp"), ("adagrad", "cnn")])
+def test_compiled_equals_eager(tmp_path, optimizer, model):
     write_small_mnist(tmp_path)
-    args = ["--optimizer", optimizer, "--schedule", "cosine", "--warmup", "3", "--steps", "12"]
+    args = ["--optimizer", optimizer, "--model", model, "--schedule", "cosine", "--warmup", "3", "--steps", "12"]
     compiled = run_train(tmp_path, *args, name="compiled")
     eager = run_train(tmp_path, *args, "--no-compile", name="eager")
     assert losses(compiled) == losses(eager) and len(losses(eager)) == 12
