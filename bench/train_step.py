@@ -10,8 +10,9 @@ and the class-factored softmax (ptb)), and with train.py's loss, models and comp
 (jit.py). MLX runs with OpenBLAS on 1 thread (train.py's bit-reproducible default), on 2, and
 on 1 in each of 2 streams that split the batch (train.py --streams 2, also bit-reproducible);
 PyTorch on 1 thread and on 2, in a process of its own with the BLAS it brings (MKL in its x86-64
-wheels; bench/torch_step.py), not the OpenBLAS that blas.py loads into this one. The ratios compare MLX on one thread with PyTorch on one, and each
-of MLX's two ways to use 2 cores with PyTorch on 2 threads.
+wheels; bench/torch_step.py), not the OpenBLAS that blas.py loads into this one. The ratios
+compare MLX on one thread with PyTorch on one, and each of MLX's two ways to use 2 cores with
+PyTorch on 2 threads.
 The variants take turns, a few steps at a time, so load on the machine hits all
 alike; each cell is the median step time turned into samples (or tokens) per second.
 """
@@ -165,8 +166,11 @@ def main():
             steppers[names[4]] = torch_stepper(torch_process, model_name, batch_file, 1)
             steppers[names[5]] = torch_stepper(torch_process, model_name, batch_file, 2)
         rate = {name: labels.size / seconds for name, seconds in median_seconds(steppers, args.steps).items()}
-        pairs = [(names[0], names[4]), (names[1], names[5]), (names[2], names[5])]
-        ratios = [f"{rate[a] / rate[b]:.2f}x" if torch_version else "-" for a, b in pairs]
+        if torch_version:
+            pairs = [(names[0], names[4]), (names[1], names[5]), (names[2], names[5])]
+            ratios = [f"{rate[a] / rate[b]:.2f}x" for a, b in pairs]
+        else:
+            ratios = ["-"] * len(ratio_names)
         unit = "tokens/s" if model_name in VOCAB else "samples/s"
         print(f"| {model_name} | {unit} | " + " | ".join(f"{rate[n]:,.0f}" for n in names) + " | " + " | ".join(ratios) + " |")
     folder.cleanup()
