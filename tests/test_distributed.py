@@ -53,7 +53,8 @@ def test_shards_are_disjoint_cover_the_batch_and_scale_to_its_mean():
     per_process = [np.array(targets).sum() * scale.item() for _, targets, scale in shards]
     assert np.isclose(np.mean(per_process), labels.mean())
     (inputs, targets, scale), = [train.shard((images, labels), 0, 1)]
-    assert np.array_equal(np.array(inputs), images) and scale.item() == np.float32(1 / 7)
+    assert np.array_equal(np.array(inputs), images) and np.array_equal(np.array(targets), labels)
+    assert scale.item() == np.float32(1 / 7)
 
 
 @needs_launcher
