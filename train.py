@@ -16,6 +16,7 @@ installed (blas.py). Data come from --data-dir (default $MLX_ADAGRAD_DATA, else 
 import argparse
 import json
 import math
+import os
 import platform
 import sys
 import tempfile
@@ -29,6 +30,11 @@ import jit
 
 BLAS = blas.load_optimized_blas()  # must run before mlx.core is imported
 KERNELS = jit.use_native_kernels()  # before the first compiled call
+# mx.eval queues a graph's operations breadth-first up to this width (MLX's default 20), deeper ones
+# depth-first, and stops queuing while ~10 tasks are pending. At 20, --streams 2 gets one half's
+# backward queued behind the other's, and a stream waits; at 1000 both are queued side by side
+# (README, "Both cores"). Read at the first evaluation; it changes the order, not the results.
+os.environ.setdefault("MLX_BFS_MAX_WIDTH", "1000")
 
 import mlx.core as mx  # noqa: E402
 import mlx.nn as nn  # noqa: E402

@@ -1,17 +1,19 @@
 """Data-parallel throughput: train.py on 1 process (1 or 2 BLAS threads, or 2 streams) against 2
 under mlx.launch, in one run.
 
-    MLX_ADAGRAD_DATA=../shared/data python bench/distributed.py [--tasks mnist lm] [--rounds 2]
+    MLX_ADAGRAD_DATA=../shared/data python bench/distributed.py [--tasks mnist cnn lm ptb] [--rounds 2]
 
 Each cell runs the real recipe (`train.py --steps N`, default global batch) and reports the
 median of its logged samples/s (tokens/s for the LM), skipping the first record, which holds
 the compilation. The setups take turns for --rounds rounds so load on the machine hits all
 alike; the table shows the best round of each. On one machine the 2 processes share its
 cores, so this measures what data parallelism costs and gains there, not across machines.
+One more setup runs --streams 2 with MLX's own graph order (MLX_BFS_MAX_WIDTH=20; train.py sets 1000).
 """
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -20,31 +22,38 @@ from pathlib import Path
 
 REPO = Path(__file__).parents[1]
 LAUNCH = Path(sys.executable).with_name("mlx.launch")
-STEPS = {"mnist": 400, "lm": 40}
-UNIT = {"mnist": "samples/s", "lm": "tokens/s"}
-SETUPS = {  # name: (processes, OpenBLAS threads per process, streams per process)
-    "1 process, 1 BLAS thread": (1, 1, 1),
-    "1 process, 2 BLAS threads": (1, 2, 1),
-    "1 process, 2 streams (--streams 2), 1 BLAS thread": (1, 1, 2),
-    "2 processes (ring), 1 BLAS thread each": (2, 1, 1),
+TASKS = {  # name: train.py's arguments for it, steps timed
+    "mnist": (["--task", "mnist"], 400),
+    "cnn": (["--task", "mnist", "--model", "cnn"], 60),
+    "lm": (["--task", "lm"], 40),
+    "ptb": (["--task", "lm", "--dataset", "ptb"], 100),
+}
+UNIT = {"mnist": "samples/s", "cnn": "samples/s", "lm": "tokens/s", "ptb": "tokens/s"}
+SETUPS = {  # name: (processes, OpenBLAS threads per process, streams per process, environment)
+    "1 process, 1 BLAS thread": (1, 1, 1, {}),
+    "1 process, 2 BLAS threads": (1, 2, 1, {}),
+    "1 process, 2 streams (--streams 2), 1 BLAS thread": (1, 1, 2, {}),
+    "the same with MLX_BFS_MAX_WIDTH=20 (MLX's default)": (1, 1, 2, {"MLX_BFS_MAX_WIDTH": "20"}),
+    "2 processes (ring), 1 BLAS thread each": (2, 1, 1, {}),
 }
 
 
-def throughput(task, processes, threads, streams, tmp):
-    log = Path(tmp) / f"{task}-{processes}-{threads}-{streams}.jsonl"
-    command = [sys.executable, str(REPO / "train.py"), "--task", task, "--steps", str(STEPS[task]),
+def throughput(task, processes, threads, streams, environment, tmp):
+    arguments, steps = TASKS[task]
+    log = Path(tmp) / f"{task}-{processes}-{threads}-{streams}-{len(environment)}.jsonl"
+    command = [sys.executable, str(REPO / "train.py"), *arguments, "--steps", str(steps),
                "--blas-threads", str(threads), "--streams", str(streams), "--log-file", str(log)]
     if processes > 1:
         command = [str(LAUNCH), "-n", str(processes), "--backend", "ring", "--", *command]
-    subprocess.run(command, cwd=REPO, check=True, capture_output=True)
-    key = "tokens_per_s" if task == "lm" else "samples_per_s"
+    subprocess.run(command, cwd=REPO, check=True, capture_output=True, env=os.environ | environment)
+    key = "tokens_per_s" if UNIT[task] == "tokens/s" else "samples_per_s"
     rates = [r[key] for r in map(json.loads, log.read_text().splitlines()[1:]) if key in r]
     return statistics.median(rates[1:])
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--tasks", nargs="+", choices=list(STEPS), default=list(STEPS))
+    parser.add_argument("--tasks", nargs="+", choices=list(TASKS), default=list(TASKS))
     parser.add_argument("--rounds", type=int, default=2)
     args = parser.parse_args()
 
@@ -52,8 +61,8 @@ def main():
     with tempfile.TemporaryDirectory() as tmp:
         for round_ in range(args.rounds):
             for task in args.tasks:
-                for name, (processes, threads, streams) in SETUPS.items():
-                    rate = throughput(task, processes, threads, streams, tmp)
+                for name, (processes, threads, streams, environment) in SETUPS.items():
+                    rate = throughput(task, processes, threads, streams, environment, tmp)
                     best[task, name] = max(best.get((task, name), 0.0), rate)
                     print(f"round {round_ + 1}: {task}, {name}: {rate:,.0f} {UNIT[task]}", file=sys.stderr)
 

@@ -1,10 +1,11 @@
 """Where a step's time goes on MLX's CPU backend: the parts beside the matmuls, in one run.
 
-    python bench/step_costs.py [--steps 50]
+    python bench/step_costs.py [--steps 50] [--match CNN]
 
 MNIST MLP (batch 128): the compiled training step as train.py builds it, then with one part
 removed at a time (augmentation shift, dropout, Adagrad replaced by plain SGD). The CNN's step
-and its two convolutions (batch 128): forward, and forward with the gradients training needs.
+and its layers (batch 128), each forward and backward, beside PyTorch's when it is installed (in a
+process of its own, bench/torch_step.py).
 PTB output layer (1,024 words, one default batch; 128 wide, 10,261 words): the compiled forward
 and backward of its matmul alone, with MLX's cross-entropy, with the full softmax's own (which
 takes exp once a logit, not twice), and the class-factored softmax train.py uses for PTB
@@ -18,7 +19,9 @@ Timed as bench/train_step.py times its variants: in turns, median.
 import argparse
 from functools import partial
 import os
+from pathlib import Path
 import sys
+import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import blas  # noqa: E402
@@ -33,7 +36,8 @@ import mlx.optimizers as optim  # noqa: E402
 import numpy as np  # noqa: E402
 
 from adagrad import Adagrad  # noqa: E402
-from bench.train_step import CONTEXT, LM_BATCH, LM_DIM, VOCAB, make_batch, median_seconds, mlx_stepper  # noqa: E402
+from bench.train_step import (CONTEXT, LM_BATCH, LM_DIM, VOCAB, ask, make_batch, median_seconds, mlx_stepper,  # noqa: E402
+                              start_torch, torch_stepper)
 from data.mnist import random_shift  # noqa: E402
 from models.cnn import CNN  # noqa: E402
 from models.mlp import MLP  # noqa: E402
@@ -62,16 +66,43 @@ def mlp_step(dropout, make_optimizer, shift):
     return lambda: mx.eval(step(x, y), state)
 
 
-def cnn_conv(layer, backward):
-    """One conv layer of models/cnn.py at batch 128: its forward, or its forward and the gradients a
-    training step needs (the weights'; for the second layer also the input's, which flows back)."""
-    weight = CNN().convs[layer].weight
-    x = mx.random.normal((128, 28, 28, 1) if layer == 0 else (128, 14, 14, 32))
-    conv = partial(mx.conv2d, padding=1)
-    if not backward:
-        return lambda: mx.eval(conv(x, weight))
-    grads = mx.compile(mx.grad(lambda w, x: conv(x, w).sum(), argnums=(0, 1) if layer else 0))
-    return lambda: mx.eval(grads(weight, x))
+CNN_LAYERS = [("conv1", "1 -> 32 channels, 28 x 28, weight gradients"),
+              ("conv2", "32 -> 64 channels, 14 x 14, weight and input gradients"),
+              ("pool1", "max-pool 2 x 2 of 28 x 28 x 32"), ("pool2", "max-pool 2 x 2 of 14 x 14 x 64")]
+
+
+def cnn_layer(name):
+    """One layer of models/cnn.py at batch 128, NHWC: forward, then backward from a dense random
+    cotangent into its parameters and, where training needs it, its input (the first layer's is the
+    images). A `.sum()` would send a broadcast cotangent, which MLX's kernels take other paths for."""
+    cnn = CNN()
+    if name.startswith("conv"):
+        conv = cnn.convs[int(name[-1]) - 1]
+        x = mx.random.normal((128, 28, 28, 1) if name == "conv1" else (128, 14, 14, 32))
+        layer = lambda weight, bias, x: mx.conv2d(x, weight, padding=1) + bias  # noqa: E731 (nn.Conv2d's forward)
+        primals = [conv.weight, conv.bias, x]
+        if name == "conv1":
+            layer, primals = partial(layer, x=x), primals[:2]
+    else:
+        layer, primals = cnn.pool, [mx.random.normal((128, 28, 28, 32) if name == "pool1" else (128, 14, 14, 64))]
+    cotangent = mx.random.normal(layer(*primals).shape)
+    mx.eval(primals, cotangent)  # else the compiled function would draw them again at every call
+    forward_backward = mx.compile(lambda *primals: mx.vjp(layer, list(primals), [cotangent]))
+    return lambda: mx.eval(forward_backward(*primals))
+
+
+def torch_layer(child, name):
+    """The same layer in PyTorch (bench/torch_step.py, in its own process), one thread."""
+    ask(child, op="build", key=name, layer=name, threads=1)
+    return lambda: ask(child, op="run", key=name)["seconds"]
+
+
+def torch_cnn_step(child, images, labels):
+    """PyTorch's CNN training step, one thread, as bench/train_step.py times it."""
+    with tempfile.TemporaryDirectory() as folder:
+        batch_file = str(Path(folder) / "batch.npz")
+        np.savez(batch_file, x=images, y=labels)
+        return torch_stepper(child, "cnn", batch_file, 1)  # which reads the batch before it returns
 
 
 def output_layer(cross_entropy, words=LM_BATCH * CONTEXT, dim=LM_DIM, vocab=VOCAB["ptb"]):
@@ -145,9 +176,12 @@ def block_step(tokens=LM_BATCH * CONTEXT, dim=LM_DIM):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument("--match", default="", help="only the cases whose name contains this text")
     args = parser.parse_args()
     mx.set_cache_limit(CACHE_LIMIT)  # as train.py does
     blas.set_threads(1)
+    torch_process, torch_version = start_torch()
+    cnn_images, cnn_labels = make_batch("cnn", np.random.default_rng(0))
     cases = {
         "MLP step: shift 1, dropout 0.1, Adagrad (train.py)": mlp_step(0.1, lambda: Adagrad(0.01), 1),
         "MLP step: no shift": mlp_step(0.1, lambda: Adagrad(0.01), 0),
@@ -155,11 +189,15 @@ def main():
         "MLP step: SGD instead of Adagrad": mlp_step(0.1, lambda: optim.SGD(0.01), 1),
         "MLP step: none of the three": mlp_step(0.0, lambda: optim.SGD(0.01), 0),
         "CNN step (batch 128), as bench/train_step.py's cnn row": mlx_stepper(
-            "cnn", *make_batch("cnn", np.random.default_rng(0)), compiled=True, threads=1),
-        "CNN conv 1 (1 -> 32 channels, 28 x 28): forward": cnn_conv(0, False),
-        "CNN conv 1: forward + weight gradient": cnn_conv(0, True),
-        "CNN conv 2 (32 -> 64 channels, 14 x 14): forward": cnn_conv(1, False),
-        "CNN conv 2: forward + weight and input gradients": cnn_conv(1, True),
+            "cnn", cnn_images, cnn_labels, compiled=True, threads=1),
+    }
+    if torch_version:
+        cases["CNN step, PyTorch (bench/train_step.py's torch row)"] = torch_cnn_step(torch_process, cnn_images, cnn_labels)
+    for layer, description in CNN_LAYERS:
+        cases[f"CNN {layer} ({description}), forward + backward"] = cnn_layer(layer)
+        if torch_version:
+            cases[f"CNN {layer}, PyTorch"] = torch_layer(torch_process, layer)
+    cases.update({
         "PTB output layer: matmuls, forward + backward": output_layer(None),
         "PTB output layer: matmuls + nn.losses.cross_entropy": output_layer(
             partial(nn.losses.cross_entropy, reduction="none")),
@@ -174,9 +212,11 @@ def main():
         "Adagrad update of a 784 x 512 weight, gradient row-major (models/dense.py)": adagrad_update(False),
         "Sum over the last axis of 1,024 x 512, MLX": row_sum("mlx"),
         "Sum over the last axis of 1,024 x 512, NumPy": row_sum("numpy"),
-    }
+    })
+    cases = {name: case for name, case in cases.items() if args.match in name}
     seconds = median_seconds(cases, args.steps)
-    print(f"BLAS: {BLAS}, 1 thread; mlx {mx.__version__}; compiled kernels: {KERNELS}")
+    print(f"BLAS: {BLAS}, 1 thread; mlx {mx.__version__}; compiled kernels: {KERNELS}; "
+          f"torch {torch_version or 'not installed (no PyTorch rows)'}, 1 thread")
     print("| case | median ms |")
     print("|---|---|")
     for name, t in seconds.items():

@@ -8,7 +8,10 @@ so they run here, with what PyTorch uses when a user runs it. Requests, one JSON
 
     {"op": "build", "key": K, "model": "mlp" | "cnn" | "lm", "batch": path of an .npz (x, y),
      "threads": T, and for "lm": "vocab", "softmax" ("full" | "class"), "layers", "dim", "dropout"}
-    {"op": "run", "key": K}      one training step; answers {"seconds": its duration}
+    {"op": "build", "key": K, "layer": "conv1" | "conv2" | "pool1" | "pool2", "threads": T}
+                                 one of the CNN's layers alone (bench/step_costs.py)
+    {"op": "run", "key": K}      one training step, or the layer's forward and backward;
+                                 answers {"seconds": its duration}
 
 The first line out is {"torch": "version (BLAS)"}, or {"error": ...} when torch cannot be imported.
 """
@@ -111,6 +114,28 @@ def stepper(torch, request):
     return run
 
 
+def layer_stepper(torch, request):
+    """One layer of the CNN at batch 128, NCHW: forward, then backward from a dense random cotangent
+    into its parameters and, where training needs it, its input (the first layer's is the images)."""
+    from torch import nn as tnn
+
+    torch.manual_seed(0)
+    shape, layer = {"conv1": ((128, 1, 28, 28), tnn.Conv2d(1, 32, 3, padding=1)),
+                    "conv2": ((128, 32, 14, 14), tnn.Conv2d(32, 64, 3, padding=1)),
+                    "pool1": ((128, 32, 28, 28), tnn.MaxPool2d(2)),
+                    "pool2": ((128, 64, 14, 14), tnn.MaxPool2d(2))}[request["layer"]]
+    x = torch.randn(shape, requires_grad=request["layer"] != "conv1")
+    cotangent = torch.randn(layer(x).shape)
+
+    def run():
+        torch.set_num_threads(request["threads"])
+        layer.zero_grad(set_to_none=True)
+        x.grad = None
+        layer(x).backward(cotangent)
+
+    return run
+
+
 def main():
     try:
         import torch
@@ -123,7 +148,7 @@ def main():
     for line in sys.stdin:
         request = json.loads(line)
         if request["op"] == "build":
-            steppers[request["key"]] = stepper(torch, request)
+            steppers[request["key"]] = (layer_stepper if "layer" in request else stepper)(torch, request)
             print(json.dumps({"ok": True}), flush=True)
         else:
             start = time.perf_counter()

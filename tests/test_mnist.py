@@ -6,6 +6,8 @@ import http.server
 import json
 import math
 import os
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -223,6 +225,20 @@ def test_streams_compiled_equals_eager_and_repeats_bit_for_bit(tmp_path):
     compiled, again = run_train(tmp_path, *args, name="compiled"), run_train(tmp_path, *args, name="again")
     eager = run_train(tmp_path, *args, "--no-compile", name="eager")
     assert losses(compiled) == losses(again) == losses(eager) and len(losses(eager)) == 10
+
+
+def test_bfs_width_changes_the_order_of_work_not_the_results(tmp_path):
+    # train.py sets MLX_BFS_MAX_WIDTH, which MLX reads once a process: each width needs its own.
+    write_small_mnist(tmp_path)
+    runs = {}
+    for width in ("20", None):  # MLX's default, then train.py's
+        env = {k: v for k, v in os.environ.items() if k != "MLX_BFS_MAX_WIDTH"} | ({"MLX_BFS_MAX_WIDTH": width} if width else {})
+        log = tmp_path / f"width_{width}.jsonl"
+        subprocess.run([sys.executable, "train.py", "--data-dir", str(tmp_path), "--model", "cnn", "--batch-size", "32",
+                        "--streams", "2", "--steps", "6", "--log-every", "1", "--log-file", str(log)],
+                       cwd=Path(__file__).parents[1], env=env, capture_output=True, text=True, check=True)
+        runs[width] = [json.loads(line) for line in log.read_text().splitlines()]
+    assert losses(runs["20"]) == losses(runs[None]) and len(losses(runs[None])) == 6
 
 
 def test_checkpoint_from_another_config_is_refused(tmp_path, capsys):
