@@ -74,7 +74,7 @@ CNN_LAYERS = [("conv1", "1 -> 32 channels, 28 x 28, weight gradients"),
 def cnn_layer(name):
     """One layer of models/cnn.py at batch 128, NHWC: forward, then backward from a dense random
     cotangent into its parameters and, where training needs it, its input (the first layer's is the
-    images). A `.sum()` would send a broadcast cotangent, which MLX's kernels take other paths for."""
+    images). Dense, as in training, where a `.sum()` would send a broadcast one."""
     cnn = CNN()
     if name.startswith("conv"):
         conv = cnn.convs[int(name[-1]) - 1]
