@@ -19,9 +19,7 @@ Timed as bench/train_step.py times its variants: in turns, median.
 import argparse
 from functools import partial
 import os
-from pathlib import Path
 import sys
-import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import blas  # noqa: E402
@@ -36,8 +34,8 @@ import mlx.optimizers as optim  # noqa: E402
 import numpy as np  # noqa: E402
 
 from adagrad import Adagrad  # noqa: E402
-from bench.train_step import (CONTEXT, LM_BATCH, LM_DIM, VOCAB, ask, make_batch, median_seconds, mlx_stepper,  # noqa: E402
-                              start_torch, torch_stepper)
+from bench.train_step import (CONTEXT, LM_BATCH, LM_DIM, VOCAB, make_batch, median_seconds, mlx_stepper,  # noqa: E402
+                              start_torch, torch_runner, torch_stepper)
 from data.mnist import random_shift  # noqa: E402
 from models.cnn import CNN  # noqa: E402
 from models.mlp import MLP  # noqa: E402
@@ -89,20 +87,6 @@ def cnn_layer(name):
     mx.eval(primals, cotangent)  # else the compiled function would draw them again at every call
     forward_backward = mx.compile(lambda *primals: mx.vjp(layer, list(primals), [cotangent]))
     return lambda: mx.eval(forward_backward(*primals))
-
-
-def torch_layer(child, name):
-    """The same layer in PyTorch (bench/torch_step.py, in its own process), one thread."""
-    ask(child, op="build", key=name, layer=name, threads=1)
-    return lambda: ask(child, op="run", key=name)["seconds"]
-
-
-def torch_cnn_step(child, images, labels):
-    """PyTorch's CNN training step, one thread, as bench/train_step.py times it."""
-    with tempfile.TemporaryDirectory() as folder:
-        batch_file = str(Path(folder) / "batch.npz")
-        np.savez(batch_file, x=images, y=labels)
-        return torch_stepper(child, "cnn", batch_file, 1)  # which reads the batch before it returns
 
 
 def output_layer(cross_entropy, words=LM_BATCH * CONTEXT, dim=LM_DIM, vocab=VOCAB["ptb"]):
@@ -194,11 +178,12 @@ def main():
             "cnn", cnn_images, cnn_labels, compiled=True, threads=1),
     }
     if torch_version:
-        cases["CNN step, PyTorch (bench/train_step.py's torch row)"] = torch_cnn_step(torch_process, cnn_images, cnn_labels)
+        cases["CNN step, PyTorch (bench/train_step.py's torch row)"] = torch_stepper(
+            torch_process, "cnn", cnn_images, cnn_labels, 1)
     for layer, description in CNN_LAYERS:
         cases[f"CNN {layer} ({description}), forward + backward"] = cnn_layer(layer)
         if torch_version:
-            cases[f"CNN {layer}, PyTorch"] = torch_layer(torch_process, layer)
+            cases[f"CNN {layer}, PyTorch"] = torch_runner(torch_process, layer, layer=layer, threads=1)
     cases.update({
         "PTB output layer: matmuls, forward + backward": output_layer(None),
         "PTB output layer: matmuls + nn.losses.cross_entropy": output_layer(

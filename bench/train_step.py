@@ -111,14 +111,23 @@ def ask(child, **request):
     return json.loads(answer)
 
 
-def torch_stepper(child, model_name, batch_file, threads):
-    """PyTorch's training step in `child`, as a callable that returns its duration there."""
-    key, request = f"{model_name}, {threads} threads", {"model": model_name, "batch": batch_file, "threads": threads}
+def torch_runner(child, key, **request):
+    """Have `child` build what `request` describes; return a callable that runs it there once and
+    returns its duration there."""
+    ask(child, op="build", key=key, **request)
+    return lambda: ask(child, op="run", key=key)["seconds"]
+
+
+def torch_stepper(child, model_name, images, labels, threads):
+    """PyTorch's training step of `model_name` on this batch in `child` (see torch_runner)."""
+    request = {"model": model_name, "threads": threads}
     if model_name in VOCAB:
         request.update(model="lm", vocab=VOCAB[model_name], softmax=SOFTMAX[model_name], layers=LAYERS[model_name],
                        dim=LM_DIM, dropout=DROPOUT["transformer"])
-    ask(child, op="build", key=key, **request)
-    return lambda: ask(child, op="run", key=key)["seconds"]
+    with tempfile.TemporaryDirectory() as folder:  # the child reads the batch before it answers
+        batch_file = str(Path(folder) / "batch.npz")
+        np.savez(batch_file, x=images, y=labels)
+        return torch_runner(child, f"{model_name}, {threads} threads", batch=batch_file, **request)
 
 
 def median_seconds(runs, steps):
@@ -147,8 +156,6 @@ def main():
 
     torch_process, torch_version = start_torch()
     rng = np.random.default_rng(0)
-    folder = tempfile.TemporaryDirectory()
-    batch_file = str(Path(folder.name) / "batch.npz")
     print(f"BLAS: {BLAS}; mlx {mx.__version__}; compiled kernels: {KERNELS}; torch {torch_version or 'not installed'}")
     names = ["mlx compiled, 1 thread", "mlx compiled, 2 BLAS threads", "mlx compiled, 2 streams", "mlx eager, 1 thread"]
     names += ["torch, fused Adagrad, 1 thread", "torch, fused Adagrad, 2 threads"] if torch_version else []
@@ -157,14 +164,13 @@ def main():
     print("|---" * (len(names) + len(ratio_names) + 2) + "|")
     for model_name in args.model:
         images, labels = make_batch(model_name, rng)
-        np.savez(batch_file, x=images, y=labels)
         steppers = {names[0]: mlx_stepper(model_name, images, labels, True, 1),
                     names[1]: mlx_stepper(model_name, images, labels, True, 2),
                     names[2]: mlx_stepper(model_name, images, labels, True, 1, streams=2),
                     names[3]: mlx_stepper(model_name, images, labels, False, 1)}
         if torch_version:
-            steppers[names[4]] = torch_stepper(torch_process, model_name, batch_file, 1)
-            steppers[names[5]] = torch_stepper(torch_process, model_name, batch_file, 2)
+            steppers[names[4]] = torch_stepper(torch_process, model_name, images, labels, 1)
+            steppers[names[5]] = torch_stepper(torch_process, model_name, images, labels, 2)
         rate = {name: labels.size / seconds for name, seconds in median_seconds(steppers, args.steps).items()}
         if torch_version:
             pairs = [(names[0], names[4]), (names[1], names[5]), (names[2], names[5])]
@@ -173,7 +179,6 @@ def main():
             ratios = ["-"] * len(ratio_names)
         unit = "tokens/s" if model_name in VOCAB else "samples/s"
         print(f"| {model_name} | {unit} | " + " | ".join(f"{rate[n]:,.0f}" for n in names) + " | " + " | ".join(ratios) + " |")
-    folder.cleanup()
 
 
 if __name__ == "__main__":
