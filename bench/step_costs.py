@@ -1,6 +1,6 @@
 """Where a step's time goes on MLX's CPU backend: the parts beside the matmuls, in one run.
 
-    python bench/step_costs.py [--steps 50] [--match CNN]
+    python bench/step_costs.py [--steps 50] [--match CNN | --match LM]
 
 MNIST MLP (batch 128): the compiled training step as train.py builds it, then with one part
 removed at a time (augmentation shift, dropout, Adagrad replaced by plain SGD). The CNN's step
@@ -9,8 +9,9 @@ process of its own, bench/torch_step.py).
 PTB output layer (1,024 words, one default batch; 128 wide, 10,261 words): the compiled forward
 and backward of its matmul alone, with MLX's cross-entropy, with the full softmax's own (which
 takes exp once a logit, not twice), and the class-factored softmax train.py uses for PTB
-(models/transformer.py, ClassSoftmax). The Tiny Shakespeare LM's training step, its output layer,
-the matmuls of one of its blocks and the whole block (1,024 tokens). An Adagrad update with the
+(models/transformer.py, ClassSoftmax). The Tiny Shakespeare LM's training step and its parts on
+1,024 tokens (a layer norm, attention, MLP, a whole block, the output layer, the matmuls of one
+block), each forward and backward, beside PyTorch's. An Adagrad update with the
 gradient column-major (as MLX returns nn.Linear's) and row-major (models/dense.py's), and a sum
 over the last axis in MLX and in NumPy.
 Timed as bench/train_step.py times its variants: in turns, median.
@@ -32,6 +33,7 @@ import mlx.core as mx  # noqa: E402
 import mlx.nn as nn  # noqa: E402
 import mlx.optimizers as optim  # noqa: E402
 import numpy as np  # noqa: E402
+from mlx.utils import tree_flatten, tree_unflatten  # noqa: E402
 
 from adagrad import Adagrad  # noqa: E402
 from bench.train_step import (CONTEXT, LM_BATCH, LM_DIM, VOCAB, make_batch, median_seconds, mlx_stepper,  # noqa: E402
@@ -152,11 +154,26 @@ def row_sum(framework, shape=(LM_BATCH * CONTEXT, 4 * LM_DIM)):
     return lambda: mx.eval(x.sum(axis=-1))
 
 
-def block_step(tokens=LM_BATCH * CONTEXT, dim=LM_DIM):
-    """One transformer block of the LM (layer norms, attention with RoPE, MLP), forward and backward."""
-    block, x = Block(dim, 4, 0.0, rope=True), mx.random.normal((LM_BATCH, CONTEXT, dim))
-    grad = mx.compile(nn.value_and_grad(block, lambda x: block(x).sum()))
-    return lambda: mx.eval(grad(x))
+LM_PARTS = [("norm", "a layer norm"), ("attention", "attention: qkv, RoPE, causal softmax, projection"),
+            ("mlp", "MLP 128 -> 512 -> 128"), ("block", "one whole block: the three above and a second norm")]
+
+
+def lm_part(name):
+    """One part of a block of the Tiny Shakespeare LM on 16 x 64 tokens, 128 wide: forward, then backward
+    from a dense random cotangent into its parameters and its input."""
+    block = Block(LM_DIM, 4, 0.0, rope=True)
+    part = {"norm": block.attention_norm, "attention": block.attention, "mlp": block.mlp, "block": block}[name]
+    names, values = zip(*tree_flatten(part.trainable_parameters()))
+    x = mx.random.normal((LM_BATCH, CONTEXT, LM_DIM))
+    cotangent = mx.random.normal(x.shape)
+    mx.eval(x, cotangent, values)
+
+    def forward(x, *values):
+        part.update(tree_unflatten(list(zip(names, values))))
+        return part(x)
+
+    forward_backward = mx.compile(lambda *primals: mx.vjp(forward, list(primals), [cotangent]))
+    return lambda: mx.eval(forward_backward(x, *values))
 
 
 def main():
@@ -167,34 +184,46 @@ def main():
     mx.set_cache_limit(CACHE_LIMIT)  # as train.py does
     blas.set_threads(1)
     torch_process, torch_version = start_torch()
-    cnn_images, cnn_labels = make_batch("cnn", np.random.default_rng(0))
+
+    def pytorch(name, **request):
+        """{"<name>, PyTorch": the same case in PyTorch's process}, or {} without PyTorch."""
+        if not torch_version:
+            return {}
+        if "model" in request:  # a training step, as bench/train_step.py's
+            return {f"{name}, PyTorch": torch_stepper(torch_process, request["model"], *request["batch"], 1)}
+        return {f"{name}, PyTorch": torch_runner(torch_process, name, threads=1, **request)}
+
+    cnn_batch, lm_batch = make_batch("cnn", np.random.default_rng(0)), make_batch("lm", np.random.default_rng(0))
     cases = {
         "MLP step: shift 1, dropout 0.1, Adagrad (train.py)": mlp_step(0.1, lambda: Adagrad(0.01), 1),
         "MLP step: no shift": mlp_step(0.1, lambda: Adagrad(0.01), 0),
         "MLP step: no dropout": mlp_step(0.0, lambda: Adagrad(0.01), 1),
         "MLP step: SGD instead of Adagrad": mlp_step(0.1, lambda: optim.SGD(0.01), 1),
         "MLP step: none of the three": mlp_step(0.0, lambda: optim.SGD(0.01), 0),
-        "CNN step (batch 128), as bench/train_step.py's cnn row": mlx_stepper(
-            "cnn", cnn_images, cnn_labels, compiled=True, threads=1),
+        "CNN step (batch 128), as bench/train_step.py's cnn row": mlx_stepper("cnn", *cnn_batch, compiled=True, threads=1),
+        **pytorch("CNN step", model="cnn", batch=cnn_batch),
     }
-    if torch_version:
-        cases["CNN step, PyTorch (bench/train_step.py's torch row)"] = torch_stepper(
-            torch_process, "cnn", cnn_images, cnn_labels, 1)
     for layer, description in CNN_LAYERS:
         cases[f"CNN {layer} ({description}), forward + backward"] = cnn_layer(layer)
-        if torch_version:
-            cases[f"CNN {layer}, PyTorch"] = torch_runner(torch_process, layer, layer=layer, threads=1)
+        cases.update(pytorch(f"CNN {layer}", layer=layer))
     cases.update({
         "PTB output layer: matmuls, forward + backward": output_layer(None),
         "PTB output layer: matmuls + nn.losses.cross_entropy": output_layer(
             partial(nn.losses.cross_entropy, reduction="none")),
         "PTB output layer: matmuls + the full softmax's cross-entropy (one exp a logit)": output_layer(softmax_cross_entropy),
         "PTB output layer: class-factored softmax (train.py's for PTB)": class_output_layer(),
-        "Tiny Shakespeare LM step (4 x 128, 1,024 tokens), as bench/train_step.py's lm row": mlx_stepper(
-            "lm", *make_batch("lm", np.random.default_rng(0)), compiled=True, threads=1),
-        "Tiny Shakespeare output layer (1,024 words), full softmax": output_layer(softmax_cross_entropy, vocab=VOCAB["lm"]),
-        "LM: one block's matmuls (1,024 tokens, 128 wide), forward + backward": block_matmuls(),
-        "LM: one whole block (layer norms, attention, RoPE, MLP), forward + backward": block_step(),
+        "LM step (Tiny Shakespeare's: 4 blocks, 128 wide, 1,024 tokens), as bench/train_step.py's lm row": mlx_stepper(
+            "lm", *lm_batch, compiled=True, threads=1),
+        **pytorch("LM step", model="lm", batch=lm_batch),
+    })
+    for part, description in LM_PARTS:
+        cases[f"LM {part} ({description}), forward + backward"] = lm_part(part)
+        cases.update(pytorch(f"LM {part}", layer=f"lm {part}"))
+    cases.update({
+        "LM output (1,024 words), full softmax, forward + backward": output_layer(softmax_cross_entropy, vocab=VOCAB["lm"]),
+        **pytorch("LM output", layer="lm output"),
+        "LM matmuls of one block (qkv, projection, MLP; 1,024 tokens), forward + backward": block_matmuls(),
+        **pytorch("LM matmuls", layer="lm matmuls"),
         "Adagrad update of a 784 x 512 weight, gradient column-major (nn.Linear's)": adagrad_update(True),
         "Adagrad update of a 784 x 512 weight, gradient row-major (models/dense.py)": adagrad_update(False),
         "Sum over the last axis of 1,024 x 512, MLX": row_sum("mlx"),

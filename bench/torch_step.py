@@ -8,8 +8,9 @@ so they run here, with what PyTorch uses when a user runs it. Requests, one JSON
 
     {"op": "build", "key": K, "model": "mlp" | "cnn" | "lm", "batch": path of an .npz (x, y),
      "threads": T, and for "lm": "vocab", "softmax" ("full" | "class"), "layers", "dim", "dropout"}
-    {"op": "build", "key": K, "layer": "conv1" | "conv2" | "pool1" | "pool2", "threads": T}
-                                 one of the CNN's layers alone (bench/step_costs.py)
+    {"op": "build", "key": K, "layer": "conv1" | "conv2" | "pool1" | "pool2" | "lm norm" | "lm attention"
+     | "lm mlp" | "lm block" | "lm output" | "lm matmuls", "threads": T}
+                                 one of the CNN's layers or one part of the LM alone (bench/step_costs.py)
     {"op": "run", "key": K}      one training step, or the layer's forward and backward;
                                  answers {"seconds": its duration}
 
@@ -45,11 +46,14 @@ def transformer(torch, tnn, vocab, softmax, layers, dim, dropout):
             self.mlp = tnn.Sequential(tnn.Linear(dim, 4 * dim), tnn.ReLU(), tnn.Linear(4 * dim, dim))
             self.drop = tnn.Dropout(dropout)
 
-        def forward(self, x):
+        def attention(self, x):
             b, length, _ = x.shape
-            q, k, v = self.qkv(self.norm1(x)).view(b, length, 3, self.heads, -1).permute(2, 0, 3, 1, 4)
+            q, k, v = self.qkv(x).view(b, length, 3, self.heads, -1).permute(2, 0, 3, 1, 4)
             a = tnn.functional.scaled_dot_product_attention(rope(q), rope(k), v, is_causal=True)
-            x = x + self.drop(self.out(a.transpose(1, 2).reshape(b, length, dim)))
+            return self.out(a.transpose(1, 2).reshape(b, length, dim))
+
+        def forward(self, x):
+            x = x + self.drop(self.attention(self.norm1(x)))
             return x + self.drop(self.mlp(self.norm2(x)))
 
     class LM(tnn.Module):
@@ -115,22 +119,35 @@ def stepper(torch, request):
 
 
 def layer_stepper(torch, request):
-    """One layer of the CNN at batch 128, NCHW: forward, then backward from a dense random cotangent
-    into its parameters and, where training needs it, its input (the first layer's is the images)."""
+    """One layer of the CNN at batch 128, NCHW, or one part of the Tiny Shakespeare LM on 16 x 64 tokens,
+    128 wide: forward, then backward from a dense random cotangent into its parameters and, where
+    training needs it, its input (the CNN's first layer's is the images)."""
     from torch import nn as tnn
 
     torch.manual_seed(0)
+    name, lm = request["layer"], transformer(torch, tnn, vocab=1024, softmax="full", layers=1, dim=128, dropout=0.0)
+    block, targets = lm.blocks[0], torch.randint(0, 1024, (16 * 64,))
+    weights = [(0.02 * torch.randn(shape)).requires_grad_() for shape in [(128, 384), (128, 128), (128, 512), (512, 128)]]
     shape, layer = {"conv1": ((128, 1, 28, 28), tnn.Conv2d(1, 32, 3, padding=1)),
                     "conv2": ((128, 32, 14, 14), tnn.Conv2d(32, 64, 3, padding=1)),
                     "pool1": ((128, 32, 28, 28), tnn.MaxPool2d(2)),
-                    "pool2": ((128, 64, 14, 14), tnn.MaxPool2d(2))}[request["layer"]]
-    x = torch.randn(shape, requires_grad=request["layer"] != "conv1")
+                    "pool2": ((128, 64, 14, 14), tnn.MaxPool2d(2)),
+                    "lm norm": ((16, 64, 128), block.norm1), "lm attention": ((16, 64, 128), block.attention),
+                    "lm mlp": ((16, 64, 128), block.mlp), "lm block": ((16, 64, 128), block),
+                    "lm output": ((16 * 64, 128), lambda h: tnn.functional.cross_entropy(h @ lm.embedding.weight.T, targets)),
+                    "lm matmuls": ((16 * 64, 128), lambda x: (x @ weights[0]).sum() + (x @ weights[1]).sum()
+                                   + ((x @ weights[2]) @ weights[3]).sum()),
+                    }[name]
+    x = torch.randn(shape, requires_grad=name != "conv1")
     cotangent = torch.randn(layer(x).shape)
 
     def run():
         torch.set_num_threads(request["threads"])
-        layer.zero_grad(set_to_none=True)
-        x.grad = None
+        lm.zero_grad(set_to_none=True)
+        if isinstance(layer, tnn.Module):
+            layer.zero_grad(set_to_none=True)
+        for tensor in [x, *weights]:
+            tensor.grad = None
         layer(x).backward(cotangent)
 
     return run

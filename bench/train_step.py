@@ -127,7 +127,7 @@ def torch_stepper(child, model_name, images, labels, threads):
     with tempfile.TemporaryDirectory() as folder:  # the child reads the batch before it answers
         batch_file = str(Path(folder) / "batch.npz")
         np.savez(batch_file, x=images, y=labels)
-        return torch_runner(child, f"{model_name}, {threads} threads", batch=batch_file, **request)
+        return torch_runner(child, f"{model_name} on {images.shape}, {threads} threads", batch=batch_file, **request)
 
 
 def median_seconds(runs, steps):
