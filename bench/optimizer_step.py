@@ -10,6 +10,7 @@ noisy neighbour slows them all alike.
 """
 
 import argparse
+import importlib.util
 import os
 import sys
 import time
@@ -96,12 +97,7 @@ def main():
         "mlx eager": (lambda: optim.Adagrad(0.01), False),
         "mlx compiled": (lambda: optim.Adagrad(0.01), True),
     }
-    try:
-        import torch  # noqa: F401
-
-        has_torch = True
-    except ImportError:
-        has_torch = False
+    has_torch = importlib.util.find_spec("torch") is not None
 
     print(f"mlx {mx.__version__}, device {mx.default_device()}, compiled kernels: {KERNELS}; median of {args.repeats} steps")
     names = list(variants) + (["torch fused (1 thread)"] if has_torch else [])

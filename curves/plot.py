@@ -6,7 +6,8 @@ Left panel: training loss per step, as logged (the mean over each --log-every in
 then smoothed by a moving average over 2% of the run. Right panel: the evaluation metric
 per evaluation (MNIST test accuracy; LM validation nats per character; PTB validation
 word perplexity). mlx-adagrad is dashed: in float32 it is bit-identical to adagrad, so it
-lies exactly on top of it.
+lies exactly on top of it. A run with --streams 2 is dotted: the same recipe on both cores, its
+gradient summed in another order (so close to the one-stream run, not bit-identical).
 """
 
 import json
@@ -48,8 +49,12 @@ def plot(png, title, pattern, metric, metric_label):
     finals, evaluations = {}, 0
     for path in runs:
         header, steps, evals = read(path)
-        label = f"{header['config']['optimizer']} (lr {header['config']['lr']:g})"
-        style = {"linestyle": "--", "zorder": 3} if header["config"]["optimizer"] == "mlx-adagrad" else {}
+        config = header["config"]
+        streams = config.get("streams", 1)
+        label = f"{config['optimizer']} (lr {config['lr']:g})" + (f", --streams {streams}" if streams > 1 else "")
+        style = {"linestyle": "--", "zorder": 3} if config["optimizer"] == "mlx-adagrad" else {}
+        if streams > 1:
+            style = {"linestyle": ":", "zorder": 3}
         loss, skip = smooth([r["loss"] for r in steps])
         left.plot([r["step"] for r in steps][skip:], loss, label=label, linewidth=1.2, **style)
         right.plot([r["step"] for r in evals], [scale * r[metric] for r in evals], marker="o", label=label, **style)
