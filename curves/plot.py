@@ -7,7 +7,7 @@ then smoothed by a moving average over 2% of the run. Right panel: the evaluatio
 per evaluation (MNIST test accuracy; LM validation nats per character; PTB validation
 word perplexity). mlx-adagrad is dashed: in float32 it is bit-identical to adagrad, so it
 lies exactly on top of it. A run with --streams 2 is dotted: the same recipe on both cores, its
-gradient summed in another order (so close to the one-stream run, not bit-identical).
+gradient summed in another order, so not bit-identical to the one-stream run.
 """
 
 import json
