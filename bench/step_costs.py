@@ -74,7 +74,7 @@ CNN_LAYERS = [("conv1", "1 -> 32 channels, 28 x 28, weight gradients"),
 def cnn_layer(name):
     """One layer of models/cnn.py at batch 128, NHWC: forward, then backward from a dense random
     cotangent into its parameters and, where training needs it, its input (the first layer's is the
-    images). Dense, as in training, where a `.sum()` would send a broadcast one."""
+    images)."""
     cnn = CNN()
     if name.startswith("conv"):
         conv = cnn.convs[int(name[-1]) - 1]
@@ -85,10 +85,16 @@ def cnn_layer(name):
             layer, primals = partial(layer, x=x), primals[:2]
     else:
         layer, primals = cnn.pool, [mx.random.normal((128, 28, 28, 32) if name == "pool1" else (128, 14, 14, 64))]
-    cotangent = mx.random.normal(layer(*primals).shape)
+    return forward_backward(layer, primals)
+
+
+def forward_backward(function, primals):
+    """A callable that runs `function` compiled on `primals`, forward and back from a dense random
+    cotangent (as in training, where a `.sum()` would send a broadcast one)."""
+    cotangent = mx.random.normal(function(*primals).shape)
     mx.eval(primals, cotangent)  # else the compiled function would draw them again at every call
-    forward_backward = mx.compile(lambda *primals: mx.vjp(layer, list(primals), [cotangent]))
-    return lambda: mx.eval(forward_backward(*primals))
+    compiled = mx.compile(lambda *primals: mx.vjp(function, list(primals), [cotangent]))
+    return lambda: mx.eval(compiled(*primals))
 
 
 def output_layer(cross_entropy, words=LM_BATCH * CONTEXT, dim=LM_DIM, vocab=VOCAB["ptb"]):
@@ -164,16 +170,12 @@ def lm_part(name):
     block = Block(LM_DIM, 4, 0.0, rope=True)
     part = {"norm": block.attention_norm, "attention": block.attention, "mlp": block.mlp, "block": block}[name]
     names, values = zip(*tree_flatten(part.trainable_parameters()))
-    x = mx.random.normal((LM_BATCH, CONTEXT, LM_DIM))
-    cotangent = mx.random.normal(x.shape)
-    mx.eval(x, cotangent, values)
 
     def forward(x, *values):
         part.update(tree_unflatten(list(zip(names, values))))
         return part(x)
 
-    forward_backward = mx.compile(lambda *primals: mx.vjp(forward, list(primals), [cotangent]))
-    return lambda: mx.eval(forward_backward(x, *values))
+    return forward_backward(forward, [mx.random.normal((LM_BATCH, CONTEXT, LM_DIM)), *values])
 
 
 def main():

@@ -52,9 +52,8 @@ def plot(png, title, pattern, metric, metric_label):
         config = header["config"]
         streams = config.get("streams", 1)
         label = f"{config['optimizer']} (lr {config['lr']:g})" + (f", --streams {streams}" if streams > 1 else "")
-        style = {"linestyle": "--", "zorder": 3} if config["optimizer"] == "mlx-adagrad" else {}
-        if streams > 1:
-            style = {"linestyle": ":", "zorder": 3}
+        dashes = ":" if streams > 1 else "--" if config["optimizer"] == "mlx-adagrad" else None
+        style = {"linestyle": dashes, "zorder": 3} if dashes else {}
         loss, skip = smooth([r["loss"] for r in steps])
         left.plot([r["step"] for r in steps][skip:], loss, label=label, linewidth=1.2, **style)
         right.plot([r["step"] for r in evals], [scale * r[metric] for r in evals], marker="o", label=label, **style)

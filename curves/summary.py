@@ -34,10 +34,9 @@ def summarize(path):
 if __name__ == "__main__":
     print("| run | command | result | wall clock | throughput |")
     print("|---|---|---|---|---|")
-    for path in sorted(HERE.glob("*.jsonl")):
-        print(summarize(path))
     machines = {}  # the machine each run was recorded on: its platform, MLX and BLAS
     for path in sorted(HERE.glob("*.jsonl")):
+        print(summarize(path))
         header = json.loads(path.read_text().splitlines()[0])
         machines.setdefault(f"{header['platform']}, 2 cores, MLX {header['mlx']}, BLAS {header['blas']}", []).append(path.stem)
     for machine, runs in machines.items():
