@@ -40,6 +40,7 @@ from bench.train_step import (CONTEXT, LM_BATCH, LM_DIM, VOCAB, make_batch, medi
                               start_torch, torch_runner, torch_stepper)
 from data.mnist import random_shift  # noqa: E402
 from models.cnn import CNN  # noqa: E402
+from models.conv import conv3x3  # noqa: E402
 from models.mlp import MLP  # noqa: E402
 from models.transformer import Block, ClassSoftmax, softmax_cross_entropy  # noqa: E402
 from train import CACHE_LIMIT  # noqa: E402
@@ -79,7 +80,7 @@ def cnn_layer(name):
     if name.startswith("conv"):
         conv = cnn.convs[int(name[-1]) - 1]
         x = mx.random.normal((128, 28, 28, 1) if name == "conv1" else (128, 14, 14, 32))
-        layer = lambda weight, bias, x: mx.conv2d(x, weight, padding=1) + bias  # noqa: E731 (nn.Conv2d's forward)
+        layer = lambda weight, bias, x: conv3x3(x, weight)[0] + bias  # noqa: E731 (Conv3x3's forward)
         primals = [conv.weight, conv.bias, x]
         if name == "conv1":
             layer, primals = partial(layer, x=x), primals[:2]

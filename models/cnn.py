@@ -1,6 +1,7 @@
 import mlx.core as mx
 import mlx.nn as nn
 
+from models.conv import Conv3x3
 from models.dense import Dense
 
 
@@ -9,7 +10,7 @@ class CNN(nn.Module):
 
     def __init__(self, channels=(32, 64), hidden=128, dropout=0.5, num_classes=10):
         super().__init__()
-        self.convs = [nn.Conv2d(1, channels[0], 3, padding=1), nn.Conv2d(channels[0], channels[1], 3, padding=1)]
+        self.convs = [Conv3x3(1, channels[0]), Conv3x3(channels[0], channels[1])]
         self.pool = nn.MaxPool2d(2, 2)
         self.fc = Dense(7 * 7 * channels[1], hidden)
         self.head = Dense(hidden, num_classes)
