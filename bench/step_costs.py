@@ -72,15 +72,16 @@ CNN_LAYERS = [("conv1", "1 -> 32 channels, 28 x 28, weight gradients"),
               ("pool1", "max-pool 2 x 2 of 28 x 28 x 32"), ("pool2", "max-pool 2 x 2 of 14 x 14 x 64")]
 
 
-def cnn_layer(name):
+def cnn_layer(name, mlx_vjp=False):
     """One layer of models/cnn.py at batch 128, NHWC: forward, then backward from a dense random
     cotangent into its parameters and, where training needs it, its input (the first layer's is the
-    images)."""
+    images). mlx_vjp: a convolution as nn.Conv2d computes it, differentiated by MLX, not Conv3x3."""
     cnn = CNN()
     if name.startswith("conv"):
         conv = cnn.convs[int(name[-1]) - 1]
         x = mx.random.normal((128, 28, 28, 1) if name == "conv1" else (128, 14, 14, 32))
-        layer = lambda weight, bias, x: conv3x3(x, weight)[0] + bias  # noqa: E731 (Conv3x3's forward)
+        convolve = partial(mx.conv2d, padding=1) if mlx_vjp else lambda x, weight: conv3x3(x, weight)[0]
+        layer = lambda weight, bias, x: convolve(x, weight) + bias  # noqa: E731
         primals = [conv.weight, conv.bias, x]
         if name == "conv1":
             layer, primals = partial(layer, x=x), primals[:2]
@@ -209,6 +210,7 @@ def main():
     for layer, description in CNN_LAYERS:
         cases[f"CNN {layer} ({description}), forward + backward"] = cnn_layer(layer)
         cases.update(pytorch(f"CNN {layer}", layer=layer))
+    cases["CNN conv2 as nn.Conv2d (MLX's vjp: unfolds x again, and dy), forward + backward"] = cnn_layer("conv2", mlx_vjp=True)
     cases.update({
         "PTB output layer: matmuls, forward + backward": output_layer(None),
         "PTB output layer: matmuls + nn.losses.cross_entropy": output_layer(
