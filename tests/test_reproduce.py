@@ -43,7 +43,7 @@ def test_not_a_log_is_a_one_line_error(tmp_path, capsys):
     assert exit_.value.code == 2 and "is not a log written by train.py" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("run", ["mnist_mlp_adagrad.jsonl", "lm_tinyshakespeare_adagrad.jsonl"])
+@pytest.mark.parametrize("run", ["mnist_mlp_adagrad.jsonl", "mnist_cnn_adagrad.jsonl", "lm_tinyshakespeare_adagrad.jsonl"])
 def test_documented_curves_reproduce(capsys, run):
     """The check CI runs: the first steps of a README curve, rerun from its recorded command."""
     dataset = json.loads((REPO / "curves" / run).read_text().splitlines()[0])["config"]["dataset"]
