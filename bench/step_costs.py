@@ -5,7 +5,8 @@
 MNIST MLP (batch 128): the compiled training step as train.py builds it, then with one part
 removed at a time (augmentation shift, dropout, Adagrad replaced by plain SGD). The CNN's step
 and its layers (batch 128), each forward and backward, beside PyTorch's when it is installed (in a
-process of its own, bench/torch_step.py).
+process of its own, bench/torch_step.py), and its second convolution as nn.Conv2d (MLX's own vjp)
+beside models/conv.py's Conv3x3.
 PTB output layer (1,024 words, one default batch; 128 wide, 10,261 words): the compiled forward
 and backward of its matmul alone, with MLX's cross-entropy, with the full softmax's own (which
 takes exp once a logit, not twice), and the class-factored softmax train.py uses for PTB
