@@ -4,9 +4,9 @@
 
 MNIST MLP (batch 128): the compiled training step as train.py builds it, then with one part
 removed at a time (augmentation shift, dropout, Adagrad replaced by plain SGD). The CNN's step
-and its layers (batch 128), each forward and backward, beside PyTorch's when it is installed (in a
-process of its own, bench/torch_step.py), and its second convolution as nn.Conv2d (MLX's own vjp)
-beside models/conv.py's Conv3x3.
+and its two conv + max-pool blocks (batch 128), each forward and backward, beside PyTorch's when it
+is installed (in a process of its own, bench/torch_step.py) and beside MLX's nn.Conv2d +
+nn.MaxPool2d (what models/conv.py's ConvPool replaces).
 PTB output layer (1,024 words, one default batch; 128 wide, 10,261 words): the compiled forward
 and backward of its matmul alone, with MLX's cross-entropy, with the full softmax's own (which
 takes exp once a logit, not twice), and the class-factored softmax train.py uses for PTB
@@ -41,7 +41,6 @@ from bench.train_step import (CONTEXT, LM_BATCH, LM_DIM, VOCAB, make_batch, medi
                               start_torch, torch_runner, torch_stepper)
 from data.mnist import random_shift  # noqa: E402
 from models.cnn import CNN  # noqa: E402
-from models.conv import conv3x3  # noqa: E402
 from models.mlp import MLP  # noqa: E402
 from models.transformer import Block, ClassSoftmax, softmax_cross_entropy  # noqa: E402
 from train import CACHE_LIMIT  # noqa: E402
@@ -68,27 +67,26 @@ def mlp_step(dropout, make_optimizer, shift):
     return lambda: mx.eval(step(x, y), state)
 
 
-CNN_LAYERS = [("conv1", "1 -> 32 channels, 28 x 28, weight gradients"),
-              ("conv2", "32 -> 64 channels, 14 x 14, weight and input gradients"),
-              ("pool1", "max-pool 2 x 2 of 28 x 28 x 32"), ("pool2", "max-pool 2 x 2 of 14 x 14 x 64")]
+CNN_BLOCKS = [("block1", "conv 1 -> 32 channels + max-pool, 28 x 28, weight gradients"),
+              ("block2", "conv 32 -> 64 channels + max-pool, 14 x 14, weight and input gradients")]
 
 
-def cnn_layer(name, mlx_vjp=False):
-    """One layer of models/cnn.py at batch 128, NHWC: forward, then backward from a dense random
-    cotangent into its parameters and, where training needs it, its input (the first layer's is the
-    images). mlx_vjp: a convolution as nn.Conv2d computes it, differentiated by MLX, not Conv3x3."""
-    cnn = CNN()
-    if name.startswith("conv"):
-        conv = cnn.convs[int(name[-1]) - 1]
-        x = mx.random.normal((128, 28, 28, 1) if name == "conv1" else (128, 14, 14, 32))
-        convolve = partial(mx.conv2d, padding=1) if mlx_vjp else lambda x, weight: conv3x3(x, weight)[0]
-        layer = lambda weight, bias, x: convolve(x, weight) + bias  # noqa: E731
-        primals = [conv.weight, conv.bias, x]
-        if name == "conv1":
-            layer, primals = partial(layer, x=x), primals[:2]
-    else:
-        layer, primals = cnn.pool, [mx.random.normal((128, 28, 28, 32) if name == "pool1" else (128, 14, 14, 64))]
-    return forward_backward(layer, primals)
+def cnn_block(name, mlx_layers=False):
+    """One conv + max-pool block of models/cnn.py at batch 128, NHWC: forward, then backward from a
+    dense random cotangent into its parameters and, where training needs it, its input (the first
+    block's is the images). mlx_layers: as nn.Conv2d then nn.MaxPool2d compute it, not ConvPool."""
+    block = CNN().convs[int(name[-1]) - 1]
+    x = mx.random.normal((128, 28, 28, 1) if name == "block1" else (128, 14, 14, 32))
+    layer = (lambda x: nn.MaxPool2d(2, 2)(nn.Conv2d.__call__(block, x))) if mlx_layers else block
+
+    def function(weight, bias, x):
+        block.update({"weight": weight, "bias": bias})
+        return layer(x)
+
+    primals = [block.weight, block.bias, x]
+    if name == "block1":
+        function, primals = partial(function, x=x), primals[:2]
+    return forward_backward(function, primals)
 
 
 def forward_backward(function, primals):
@@ -208,10 +206,10 @@ def main():
         "CNN step (batch 128), as bench/train_step.py's cnn row": mlx_stepper("cnn", *cnn_batch, compiled=True, threads=1),
         **pytorch("CNN step", model="cnn", batch=cnn_batch),
     }
-    for layer, description in CNN_LAYERS:
-        cases[f"CNN {layer} ({description}), forward + backward"] = cnn_layer(layer)
-        cases.update(pytorch(f"CNN {layer}", layer=layer))
-    cases["CNN conv2 as nn.Conv2d (MLX's vjp: unfolds x again, and dy), forward + backward"] = cnn_layer("conv2", mlx_vjp=True)
+    for block, description in CNN_BLOCKS:
+        cases[f"CNN {block} ({description}), forward + backward"] = cnn_block(block)
+        cases.update(pytorch(f"CNN {block}", layer=block))
+        cases[f"CNN {block} as nn.Conv2d + nn.MaxPool2d (MLX's vjps), forward + backward"] = cnn_block(block, mlx_layers=True)
     cases.update({
         "PTB output layer: matmuls, forward + backward": output_layer(None),
         "PTB output layer: matmuls + nn.losses.cross_entropy": output_layer(

@@ -8,9 +8,10 @@ so they run here, with what PyTorch uses when a user runs it. Requests, one JSON
 
     {"op": "build", "key": K, "model": "mlp" | "cnn" | "lm", "batch": path of an .npz (x, y),
      "threads": T, and for "lm": "vocab", "softmax" ("full" | "class"), "layers", "dim", "dropout"}
-    {"op": "build", "key": K, "layer": "conv1" | "conv2" | "pool1" | "pool2" | "lm norm" | "lm attention"
-     | "lm mlp" | "lm block" | "lm output" | "lm matmuls", "threads": T}
-                                 one of the CNN's layers or one part of the LM alone (bench/step_costs.py)
+    {"op": "build", "key": K, "layer": "block1" | "block2" | "lm norm" | "lm attention" | "lm mlp"
+     | "lm block" | "lm output" | "lm matmuls", "threads": T}
+                                 one of the CNN's conv + max-pool blocks or one part of the LM alone
+                                 (bench/step_costs.py)
     {"op": "run", "key": K}      one training step, or the layer's forward and backward;
                                  answers {"seconds": its duration}
 
@@ -119,26 +120,24 @@ def stepper(torch, request):
 
 
 def layer_stepper(torch, request):
-    """One layer of the CNN at batch 128, NCHW, or one part of the Tiny Shakespeare LM on 16 x 64 tokens,
-    128 wide: forward, then backward from a dense random cotangent into its parameters and, where
-    training needs it, its input (the CNN's first layer's is the images)."""
+    """One conv + max-pool block of the CNN at batch 128, NCHW, or one part of the Tiny Shakespeare LM
+    on 16 x 64 tokens, 128 wide: forward, then backward from a dense random cotangent into its
+    parameters and, where training needs it, its input (the CNN's first block's is the images)."""
     from torch import nn as tnn
 
     torch.manual_seed(0)
     name, lm = request["layer"], transformer(torch, tnn, vocab=1024, softmax="full", layers=1, dim=128, dropout=0.0)
     block, targets = lm.blocks[0], torch.randint(0, 1024, (16 * 64,))
     weights = [(0.02 * torch.randn(shape)).requires_grad_() for shape in [(128, 384), (128, 128), (128, 512), (512, 128)]]
-    shape, layer = {"conv1": ((128, 1, 28, 28), tnn.Conv2d(1, 32, 3, padding=1)),
-                    "conv2": ((128, 32, 14, 14), tnn.Conv2d(32, 64, 3, padding=1)),
-                    "pool1": ((128, 32, 28, 28), tnn.MaxPool2d(2)),
-                    "pool2": ((128, 64, 14, 14), tnn.MaxPool2d(2)),
+    shape, layer = {"block1": ((128, 1, 28, 28), tnn.Sequential(tnn.Conv2d(1, 32, 3, padding=1), tnn.MaxPool2d(2))),
+                    "block2": ((128, 32, 14, 14), tnn.Sequential(tnn.Conv2d(32, 64, 3, padding=1), tnn.MaxPool2d(2))),
                     "lm norm": ((16, 64, 128), block.norm1), "lm attention": ((16, 64, 128), block.attention),
                     "lm mlp": ((16, 64, 128), block.mlp), "lm block": ((16, 64, 128), block),
                     "lm output": ((16 * 64, 128), lambda h: tnn.functional.cross_entropy(h @ lm.embedding.weight.T, targets)),
                     "lm matmuls": ((16 * 64, 128), lambda x: (x @ weights[0]).sum() + (x @ weights[1]).sum()
                                    + ((x @ weights[2]) @ weights[3]).sum()),
                     }[name]
-    x = torch.randn(shape, requires_grad=name != "conv1")
+    x = torch.randn(shape, requires_grad=name != "block1")
     cotangent = torch.randn(layer(x).shape)
 
     def run():

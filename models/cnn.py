@@ -1,7 +1,7 @@
 import mlx.core as mx
 import mlx.nn as nn
 
-from models.conv import Conv3x3
+from models.conv import ConvPool
 from models.dense import Dense
 
 
@@ -10,15 +10,14 @@ class CNN(nn.Module):
 
     def __init__(self, channels=(32, 64), hidden=128, dropout=0.5, num_classes=10):
         super().__init__()
-        self.convs = [Conv3x3(1, channels[0]), Conv3x3(channels[0], channels[1])]
-        self.pool = nn.MaxPool2d(2, 2)
+        self.convs = [ConvPool(1, channels[0]), ConvPool(channels[0], channels[1])]
         self.fc = Dense(7 * 7 * channels[1], hidden)
         self.head = Dense(hidden, num_classes)
         self.dropout = nn.Dropout(dropout)
 
     def __call__(self, images):
         x = images.astype(mx.float32) / 255.0
-        for conv in self.convs:
-            x = nn.relu(self.pool(conv(x)))  # = pool(relu(x)), with a quarter of the relu work
+        for conv_pool in self.convs:
+            x = nn.relu(conv_pool(x))  # = pool(relu(conv)), with a quarter of the relu work
         x = self.dropout(nn.relu(self.fc(x.reshape(x.shape[0], -1))))
         return self.head(x)
