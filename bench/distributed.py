@@ -28,7 +28,10 @@ TASKS = {  # name: train.py's arguments for it, steps timed
     "lm": (["--task", "lm"], 40),
     "ptb": (["--task", "lm", "--dataset", "ptb"], 100),
 }
-UNIT = {"mnist": "samples/s", "cnn": "samples/s", "lm": "tokens/s", "ptb": "tokens/s"}
+
+
+def unit(task):
+    return "tokens/s" if "lm" in TASKS[task][0] else "samples/s"
 SETUPS = {  # name: (processes, OpenBLAS threads per process, streams per process, environment)
     "1 process, 1 BLAS thread": (1, 1, 1, {}),
     "1 process, 2 BLAS threads": (1, 2, 1, {}),
@@ -46,7 +49,7 @@ def throughput(task, processes, threads, streams, environment, tmp):
     if processes > 1:
         command = [str(LAUNCH), "-n", str(processes), "--backend", "ring", "--", *command]
     subprocess.run(command, cwd=REPO, check=True, capture_output=True, env=os.environ | environment)
-    key = "tokens_per_s" if UNIT[task] == "tokens/s" else "samples_per_s"
+    key = "tokens_per_s" if unit(task) == "tokens/s" else "samples_per_s"
     rates = [r[key] for r in map(json.loads, log.read_text().splitlines()[1:]) if key in r]
     return statistics.median(rates[1:])
 
@@ -64,10 +67,10 @@ def main():
                 for name, (processes, threads, streams, environment) in SETUPS.items():
                     rate = throughput(task, processes, threads, streams, environment, tmp)
                     best[task, name] = max(best.get((task, name), 0.0), rate)
-                    print(f"round {round_ + 1}: {task}, {name}: {rate:,.0f} {UNIT[task]}", file=sys.stderr)
+                    print(f"round {round_ + 1}: {task}, {name}: {rate:,.0f} {unit(task)}", file=sys.stderr)
 
     base = next(iter(SETUPS))
-    print("| setup | " + " | ".join(f"{task} {UNIT[task]} | vs 1 process" for task in args.tasks) + " |")
+    print("| setup | " + " | ".join(f"{task} {unit(task)} | vs 1 process" for task in args.tasks) + " |")
     print("|---|" + "---|---|" * len(args.tasks))
     for name in SETUPS:
         cells = [f"{best[task, name]:,.0f} | {best[task, name] / best[task, base]:.2f}x" for task in args.tasks]

@@ -78,15 +78,22 @@ def cnn_block(name, mlx_layers=False):
     block = CNN().convs[int(name[-1]) - 1]
     x = mx.random.normal((128, 28, 28, 1) if name == "block1" else (128, 14, 14, 32))
     layer = (lambda x: nn.MaxPool2d(2, 2)(nn.Conv2d.__call__(block, x))) if mlx_layers else block
-
-    def function(weight, bias, x):
-        block.update({"weight": weight, "bias": bias})
-        return layer(x)
-
-    primals = [block.weight, block.bias, x]
+    function, parameters = of_parameters(block, layer)
     if name == "block1":
-        function, primals = partial(function, x=x), primals[:2]
-    return forward_backward(function, primals)
+        return forward_backward(partial(function, x), parameters)
+    return forward_backward(function, [x, *parameters])
+
+
+def of_parameters(module, call):
+    """(function(x, *parameters) -> call(x) with the module's trainable parameters set to those given,
+    the parameters now), so that a vjp differentiates the call in them."""
+    names, values = zip(*tree_flatten(module.trainable_parameters()))
+
+    def function(x, *values):
+        module.update(tree_unflatten(list(zip(names, values))))
+        return call(x)
+
+    return function, list(values)
 
 
 def forward_backward(function, primals):
@@ -170,13 +177,8 @@ def lm_part(name):
     from a dense random cotangent into its parameters and its input."""
     block = Block(LM_DIM, 4, 0.0, rope=True)
     part = {"norm": block.attention_norm, "attention": block.attention, "mlp": block.mlp, "block": block}[name]
-    names, values = zip(*tree_flatten(part.trainable_parameters()))
-
-    def forward(x, *values):
-        part.update(tree_unflatten(list(zip(names, values))))
-        return part(x)
-
-    return forward_backward(forward, [mx.random.normal((LM_BATCH, CONTEXT, LM_DIM)), *values])
+    function, parameters = of_parameters(part, part)
+    return forward_backward(function, [mx.random.normal((LM_BATCH, CONTEXT, LM_DIM)), *parameters])
 
 
 def main():
