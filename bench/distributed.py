@@ -48,7 +48,8 @@ def throughput(task, processes, threads, streams, environment, tmp):
                "--blas-threads", str(threads), "--streams", str(streams), "--log-file", str(log)]
     if processes > 1:
         command = [str(LAUNCH), "-n", str(processes), "--backend", "ring", "--", *command]
-    subprocess.run(command, cwd=REPO, check=True, capture_output=True, env=os.environ | environment)
+    # TMPDIR: mlx.launch leaves its host and port files there, and jit.py pointed it at the kernel cache.
+    subprocess.run(command, cwd=REPO, check=True, capture_output=True, env=os.environ | environment | {"TMPDIR": tmp})
     key = "tokens_per_s" if unit(task) == "tokens/s" else "samples_per_s"
     rates = [r[key] for r in map(json.loads, log.read_text().splitlines()[1:]) if key in r]
     return statistics.median(rates[1:])

@@ -1,6 +1,7 @@
 """Data-parallel training under mlx.launch: 2 processes on localhost against 1 process."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -37,7 +38,8 @@ def launch(tmp_path, name, *args, processes=2, log=None):
     log = log or out / "log.jsonl"
     command = [str(LAUNCH), "-n", str(processes), "--backend", "ring", "--", sys.executable,
                str(REPO / "tests" / "distributed_worker.py"), str(out), *args, "--log-file", str(log)]
-    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
+    # mlx.launch leaves its host and port files in TMPDIR, which jit.py pointed at the kernel cache.
+    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300, env=os.environ | {"TMPDIR": str(out)})
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     records = [json.loads(line) for line in log.read_text().splitlines()]
     return records, [mx.load(str(out / f"rank{r}.safetensors")) for r in range(processes)], done
