@@ -1,12 +1,12 @@
 """models/conv.py: nn.MaxPool2d(2, 2) after nn.Conv2d(in, out, 3, padding=1), as one layer that lays the
-convolution out by pixel parity and has its own vjp."""
+convolution out by pixel parity (unfolded, or by Winograd's algorithm from 16 input channels) and has its own vjp."""
 
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 import pytest
 
-from models.conv import ConvPool
+from models.conv import WINOGRAD_MIN_CHANNELS, ConvPool
 
 
 def forward_and_gradients(layer, compiled=False):
@@ -36,7 +36,9 @@ def images_with_blank_areas(shape):
     return mx.where(mx.random.uniform(shape=shape[:3] + (1,)) < 0.4, mx.array(0.0), x)
 
 
-@pytest.mark.parametrize("shape, channels", [((3, 6, 8, 2), 4), ((16, 14, 14, 32), 64), ((4, 28, 28, 1), 32)])
+# unfolded: a small case and the CNN's first block; Winograd's: the CNN's second block, and non-square at its threshold
+@pytest.mark.parametrize("shape, channels", [((3, 6, 8, 2), 4), ((4, 28, 28, 1), 32), ((16, 14, 14, 32), 64),
+                                            ((8, 10, 12, WINOGRAD_MIN_CHANNELS), 24)])
 @pytest.mark.parametrize("compiled", [False, True])
 def test_same_function_and_gradients_as_conv2d_then_maxpool2d(shape, channels, compiled):
     mx.random.seed(2)
@@ -47,9 +49,12 @@ def test_same_function_and_gradients_as_conv2d_then_maxpool2d(shape, channels, c
     x, cotangent = images_with_blank_areas(shape), mx.random.normal((shape[0], shape[1] // 2, shape[2] // 2, channels))
     expected = forward_and_gradients(reference, compiled)(x, cotangent)
     got = forward_and_gradients(ours, compiled)(x, cotangent)
-    # Same products, but OpenBLAS rounds a row of the convolution's matmul differently at another row
-    # position, and the gradients sum in another order: equal within float32 rounding of ~600 terms.
-    # Tied maxima (the blank areas) are tied in both, so the pooling gradient is split alike.
+    # Unfolded: the same products, but OpenBLAS rounds a row of the convolution's matmul differently at
+    # another row position, and the gradients sum in another order. Winograd's: other sums of the same
+    # terms (its transforms add and subtract inputs first). Both equal within float32 rounding of ~600
+    # terms. An output over a blank 3 x 3 neighbourhood is exactly the bias in all three (each of
+    # Winograd's outputs combines only products of the inputs under it), so tied maxima are tied alike
+    # and the pooling gradient is split alike.
     for name, a, b in zip(["output", "weight gradient", "bias gradient", "input gradient"], expected, got):
         a, b = np.array(a), np.array(b)
         np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-6 * np.abs(a).max(), err_msg=name)
@@ -76,7 +81,9 @@ def test_odd_sizes_are_the_two_mlx_layers():
     assert ours(x).shape == (2, 3, 4, 5) and mx.array_equal(ours(x), reference(x))
 
 
-def test_compiled_equals_eager_bit_for_bit():
-    layer, x, cotangent = ConvPool(8, 16), images_with_blank_areas((4, 10, 6, 8)), mx.random.normal((4, 5, 3, 16))
+@pytest.mark.parametrize("in_channels", [8, WINOGRAD_MIN_CHANNELS])  # unfolded, Winograd's
+def test_compiled_equals_eager_bit_for_bit(in_channels):
+    layer, x = ConvPool(in_channels, 16), images_with_blank_areas((4, 10, 6, in_channels))
+    cotangent = mx.random.normal((4, 5, 3, 16))
     eager, compiled = forward_and_gradients(layer)(x, cotangent), forward_and_gradients(layer, compiled=True)(x, cotangent)
     assert all(mx.array_equal(a, b) for a, b in zip(eager, compiled))
