@@ -29,9 +29,6 @@ TASKS = {  # name: train.py's arguments for it, steps timed
     "ptb": (["--task", "lm", "--dataset", "ptb"], 100),
 }
 
-
-def unit(task):
-    return "tokens/s" if "lm" in TASKS[task][0] else "samples/s"
 SETUPS = {  # name: (processes, OpenBLAS threads per process, streams per process, environment)
     "1 process, 1 BLAS thread": (1, 1, 1, {}),
     "1 process, 2 BLAS threads": (1, 2, 1, {}),
@@ -39,6 +36,10 @@ SETUPS = {  # name: (processes, OpenBLAS threads per process, streams per proces
     "the same with MLX_BFS_MAX_WIDTH=20 (MLX's default)": (1, 1, 2, {"MLX_BFS_MAX_WIDTH": "20"}),
     "2 processes (ring), 1 BLAS thread each": (2, 1, 1, {}),
 }
+
+
+def unit(task):
+    return "tokens/s" if "lm" in TASKS[task][0] else "samples/s"
 
 
 def throughput(task, processes, threads, streams, environment, tmp):
