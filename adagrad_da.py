@@ -22,7 +22,7 @@ For float16 / bfloat16 parameters, G, v and the update are kept in ``state_dtype
     optimizer = AdagradDA(learning_rate=0.1, l1=1e-3)
 """
 
-from typing import Callable, Union
+from collections.abc import Callable
 
 import mlx.core as mx
 from mlx.optimizers import Optimizer
@@ -49,7 +49,7 @@ class AdagradDA(Optimizer):
 
     def __init__(
         self,
-        learning_rate: Union[float, Callable[[mx.array], mx.array]],
+        learning_rate: float | Callable[[mx.array], mx.array],
         l1: float = 0.0,
         l2: float = 0.0,
         eps: float = 1e-8,
@@ -75,6 +75,7 @@ class AdagradDA(Optimizer):
         state["v"] = mx.zeros(parameter.shape, dtype)
 
     def apply_single(self, gradient: mx.array, parameter: mx.array, state: dict):
-        w, state["G"], state["v"] = self._update(parameter, gradient, state["G"], state["v"], self.learning_rate,
-                                                 self.step)
+        w, state["G"], state["v"] = self._update(
+            parameter, gradient, state["G"], state["v"], self.learning_rate, self.step
+        )
         return w

@@ -14,11 +14,6 @@ from pathlib import Path
 import mlx.core as mx
 from mlx.utils import tree_flatten, tree_unflatten
 
-# Settings that change what the saved arrays mean; a checkpoint only resumes a run with equal ones.
-IDENTITY = ["task", "dataset", "model", "optimizer", "lr", "eps", "initial_accumulator_value", "lr_decay",
-            "weight_decay", "schedule", "warmup", "augment_shift", "batch_size", "epochs", "seed", "layers", "dim", "heads",
-            "context", "vocab_size", "tokenizer", "softmax", "dropout", "positions", "world_size", "l1", "l2",
-            "rowwise_embeddings"]
 # Version 2 stores dense layers' weights (in, out) (models/dense.py); version 1 had nn.Linear's (out, in),
 # which a square layer would load silently transposed.
 FORMAT = 2
@@ -55,13 +50,18 @@ def save(directory, model, optimizer, run_state: dict, group=None):
     arrays.update({f"optimizer.{k}": v for k, v in tree_flatten(optimizer.state)})
     arrays["rng.keys"] = keys
     text = json.dumps({**run_state, "format": FORMAT}, indent=1, sort_keys=True)
-    _atomic_write(directory / "checkpoint.safetensors",
-                  lambda tmp: mx.save_safetensors(str(tmp), arrays, metadata={"run_state": text}))
+    _atomic_write(
+        directory / "checkpoint.safetensors",
+        lambda tmp: mx.save_safetensors(str(tmp), arrays, metadata={"run_state": text}),
+    )
     _atomic_write(directory / "checkpoint.json", lambda tmp: tmp.write_text(text + "\n"))
 
 
-def load(directory, model, optimizer, config: dict, rank: int = 0) -> dict:
+def load(directory, model, optimizer, identity: dict, rank: int = 0) -> dict:
     """Restore model, optimizer and process `rank`'s RNG from `directory`; return the saved run state.
+
+    `identity` holds the settings that change what the saved arrays mean: a checkpoint whose config
+    differs in any of them is refused.
 
     Call it before building the compiled step: the step captures these state objects.
     """
@@ -72,23 +72,31 @@ def load(directory, model, optimizer, config: dict, rank: int = 0) -> dict:
         arrays, metadata = mx.load(str(path), return_metadata=True)
         run_state = json.loads(metadata["run_state"])
     except Exception as e:  # noqa: BLE001 - any unreadable file gets the same one-line answer
-        raise CheckpointError(f"{path} is not a readable checkpoint ({e}): delete it or use another --checkpoint-dir") from None
+        raise CheckpointError(
+            f"{path} is not a readable checkpoint ({e}): delete it or use another --checkpoint-dir"
+        ) from None
     if run_state.get("format", 1) != FORMAT:
-        raise CheckpointError(f"{path} is in checkpoint format {run_state.get('format', 1)}, from another version of "
-                              f"mlx-adagrad (this one reads format {FORMAT}): resume with that version or use a new --checkpoint-dir")
+        raise CheckpointError(
+            f"{path} is in checkpoint format {run_state.get('format', 1)}, from another version of "
+            f"mlx-adagrad (this one reads format {FORMAT}): resume with that version or use a new --checkpoint-dir"
+        )
     saved = run_state["config"]
-    differ = [k for k in IDENTITY if saved.get(k) != config.get(k)]
+    differ = [k for k in identity if saved.get(k) != identity[k]]
     if differ:
-        changes = ", ".join(f"{k}={saved.get(k)!r} (now {config.get(k)!r})" for k in differ)
-        raise CheckpointError(f"{path} is from another run configuration: {changes}; "
-                              f"resume with the same settings or use a new --checkpoint-dir")
+        changes = ", ".join(f"{k}={saved.get(k)!r} (now {identity[k]!r})" for k in differ)
+        raise CheckpointError(
+            f"{path} is from another run configuration: {changes}; "
+            f"resume with the same settings or use a new --checkpoint-dir"
+        )
 
-    params = {k[len("model."):]: v for k, v in arrays.items() if k.startswith("model.")}
+    params = {k[len("model.") :]: v for k, v in arrays.items() if k.startswith("model.")}
     current = dict(tree_flatten(model.parameters()))
     if {k: v.shape for k, v in params.items()} != {k: v.shape for k, v in current.items()}:
         raise CheckpointError(f"{path} holds weights of another model shape: use a new --checkpoint-dir")
     model.update(tree_unflatten(list(params.items())))
-    optimizer.state = tree_unflatten([(k[len("optimizer."):], v) for k, v in arrays.items() if k.startswith("optimizer.")])
+    optimizer.state = tree_unflatten(
+        [(k[len("optimizer.") :], v) for k, v in arrays.items() if k.startswith("optimizer.")]
+    )
     optimizer.init(model.trainable_parameters())
     high, low = arrays["rng.keys"][rank].tolist()  # mx.random.key(seed) is [seed >> 32, seed & 0xffffffff]
     mx.random.seed((high << 32) | low)

@@ -1,5 +1,5 @@
-"""Data-parallel throughput: train.py on 1 process (1 or 2 BLAS threads, or 2 streams) against 2
-under mlx.launch, in one run.
+"""Training throughput on a CPU, setup by setup: train.py on 1 process as MLX comes (no cpu_tuning.py),
+with cpu_tuning.py on 1 or 2 BLAS threads or 2 streams, and on 2 processes under mlx.launch, in one run.
 
     MLX_ADAGRAD_DATA=../shared/data python bench/distributed.py [--tasks mnist cnn lm ptb] [--rounds 2]
 
@@ -8,7 +8,7 @@ median of its logged samples/s (tokens/s for the LM), skipping the first record,
 the compilation. The setups take turns for --rounds rounds so load on the machine hits all
 alike; the table shows the best round of each. On one machine the 2 processes share its
 cores, so this measures what data parallelism costs and gains there, not across machines.
-One more setup runs --streams 2 with MLX's own graph order (MLX_BFS_MAX_WIDTH=20; train.py sets 1000).
+One more setup runs --streams 2 with MLX's own graph order (MLX_BFS_MAX_WIDTH=20; cpu_tuning.py sets 1000).
 """
 
 import argparse
@@ -31,6 +31,7 @@ TASKS = {  # name: train.py's arguments for it, steps timed
 
 SETUPS = {  # name: (processes, OpenBLAS threads per process, streams per process, environment)
     "1 process, 1 BLAS thread": (1, 1, 1, {}),
+    "1 process, MLX as it comes (--cpu-tuning off)": (1, 1, 1, {"MLX_ADAGRAD_CPU_TUNING": "off"}),
     "1 process, 2 BLAS threads": (1, 2, 1, {}),
     "1 process, 2 streams (--streams 2), 1 BLAS thread": (1, 1, 2, {}),
     "the same with MLX_BFS_MAX_WIDTH=20 (MLX's default)": (1, 1, 2, {"MLX_BFS_MAX_WIDTH": "20"}),
@@ -45,11 +46,22 @@ def unit(task):
 def throughput(task, processes, threads, streams, environment, tmp):
     arguments, steps = TASKS[task]
     log = Path(tmp) / f"{task}-{processes}-{threads}-{streams}-{len(environment)}.jsonl"
-    command = [sys.executable, str(REPO / "train.py"), *arguments, "--steps", str(steps),
-               "--blas-threads", str(threads), "--streams", str(streams), "--log-file", str(log)]
+    command = [
+        sys.executable,
+        str(REPO / "train.py"),
+        *arguments,
+        "--steps",
+        str(steps),
+        "--blas-threads",
+        str(threads),
+        "--streams",
+        str(streams),
+        "--log-file",
+        str(log),
+    ]
     if processes > 1:
         command = [str(LAUNCH), "-n", str(processes), "--backend", "ring", "--", *command]
-    # TMPDIR: mlx.launch leaves its host and port files there, and jit.py pointed it at the kernel cache.
+    # TMPDIR: mlx.launch leaves its host and port files there, and cpu_tuning.enable() points it at the kernel cache.
     subprocess.run(command, cwd=REPO, check=True, capture_output=True, env=os.environ | environment | {"TMPDIR": tmp})
     key = "tokens_per_s" if unit(task) == "tokens/s" else "samples_per_s"
     rates = [r[key] for r in map(json.loads, log.read_text().splitlines()[1:]) if key in r]

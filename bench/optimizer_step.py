@@ -16,14 +16,13 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import jit  # noqa: E402
 
-KERNELS = jit.use_native_kernels()  # as train.py builds compiled kernels
 
 import mlx.core as mx  # noqa: E402
 import mlx.optimizers as optim  # noqa: E402
 import numpy as np  # noqa: E402
 
+import cpu_tuning  # noqa: E402
 from adagrad import Adagrad  # noqa: E402
 
 
@@ -90,6 +89,7 @@ def main():
     parser.add_argument("--sizes", type=float, nargs="+", default=[1e5, 1e6, 1e7])
     parser.add_argument("--repeats", type=int, default=30)
     args = parser.parse_args()
+    kernels = cpu_tuning.enable()["kernels"]  # as train.py runs on a CPU
 
     variants = {
         "ours eager": (lambda: Adagrad(0.01), False),
@@ -99,7 +99,10 @@ def main():
     }
     has_torch = importlib.util.find_spec("torch") is not None
 
-    print(f"mlx {mx.__version__}, device {mx.default_device()}, compiled kernels: {KERNELS}; median of {args.repeats} steps")
+    print(
+        f"mlx {mx.__version__}, device {mx.default_device()}, compiled kernels: {kernels}; "
+        f"median of {args.repeats} steps"
+    )
     names = list(variants) + (["torch fused (1 thread)"] if has_torch else [])
     header = f"| {'N':>8} | {'floor ms':>8} | " + " | ".join(f"{n:>22}" for n in names) + " |"
     print(header)

@@ -15,16 +15,12 @@ import sys
 from functools import partial
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import blas  # noqa: E402
-import jit  # noqa: E402
-
-blas.load_optimized_blas()
-jit.use_native_kernels()
 
 import mlx.core as mx  # noqa: E402
 import mlx.nn as nn  # noqa: E402
 import numpy as np  # noqa: E402
 
+import cpu_tuning  # noqa: E402
 from adagrad import Adagrad  # noqa: E402
 from adagrad_da import AdagradDA  # noqa: E402
 
@@ -56,7 +52,7 @@ def train(optimizer, x, y, epochs, batch_size=64, seed=0):
     for _ in range(epochs):
         order = rng.permutation(len(y))
         for i in range(0, len(y), batch_size):
-            batch = order[i:i + batch_size]
+            batch = order[i : i + batch_size]
             mx.eval(step(mx.array(x[batch]), mx.array(y[batch])), state)
     return np.array(model.weight[0])
 
@@ -68,6 +64,7 @@ def main():
     parser.add_argument("--samples", type=int, default=4000)
     parser.add_argument("--epochs", type=int, default=20)
     args = parser.parse_args()
+    cpu_tuning.enable()  # as train.py runs on a CPU
 
     x, y, w_true = make_data(args.features, args.informative, 2 * args.samples)
     (x_train, x_test), (y_train, y_test) = np.split(x, 2), np.split(y, 2)
@@ -75,8 +72,10 @@ def main():
     runs += [("Adagrad proximal", l1, lambda l1=l1: Adagrad(0.1, l1=l1)) for l1 in (0.01, 0.03, 0.1)]
     runs += [("AdagradDA", l1, lambda l1=l1: AdagradDA(0.1, l1=l1)) for l1 in (0.01, 0.03, 0.1)]
 
-    print(f"{args.features} features, {args.informative} informative, {args.samples} training samples, "
-          f"{args.epochs} epochs, batch 64, lr 0.1")
+    print(
+        f"{args.features} features, {args.informative} informative, {args.samples} training samples, "
+        f"{args.epochs} epochs, batch 64, lr 0.1"
+    )
     print("| optimizer | l1 | exact zeros | informative kept | test MSE |")
     print("|---|---|---|---|---|")
     for name, l1, make in runs:

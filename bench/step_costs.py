@@ -19,31 +19,36 @@ Timed as bench/train_step.py times its variants: in turns, median.
 """
 
 import argparse
-from functools import partial
 import os
 import sys
+from functools import partial
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import blas  # noqa: E402
-import jit  # noqa: E402
-
-BLAS = blas.load_optimized_blas()
-KERNELS = jit.use_native_kernels()
-
 import mlx.core as mx  # noqa: E402
 import mlx.nn as nn  # noqa: E402
 import mlx.optimizers as optim  # noqa: E402
 import numpy as np  # noqa: E402
 from mlx.utils import tree_flatten, tree_unflatten  # noqa: E402
 
+import cpu_tuning  # noqa: E402
 from adagrad import Adagrad  # noqa: E402
-from bench.train_step import (CONTEXT, LM_BATCH, LM_DIM, VOCAB, make_batch, median_seconds, mlx_stepper,  # noqa: E402
-                              start_torch, torch_runner, torch_stepper)
+from bench.train_step import (
+    CONTEXT,
+    LM_BATCH,
+    LM_DIM,
+    VOCAB,
+    make_batch,
+    median_seconds,
+    mlx_stepper,  # noqa: E402
+    start_torch,
+    torch_runner,
+    torch_stepper,
+)
 from data.mnist import random_shift  # noqa: E402
 from models.cnn import CNN  # noqa: E402
+from models.cpu_ops import softmax_cross_entropy  # noqa: E402
 from models.mlp import MLP  # noqa: E402
-from models.transformer import Block, ClassSoftmax, softmax_cross_entropy  # noqa: E402
-from train import CACHE_LIMIT  # noqa: E402
+from models.transformer import Block, ClassSoftmax  # noqa: E402
 
 
 def mlp_step(dropout, make_optimizer, shift):
@@ -67,15 +72,17 @@ def mlp_step(dropout, make_optimizer, shift):
     return lambda: mx.eval(step(x, y), state)
 
 
-CNN_BLOCKS = [("block1", "conv 1 -> 32 channels + max-pool, 28 x 28, weight gradients"),
-              ("block2", "conv 32 -> 64 channels + max-pool, 14 x 14, weight and input gradients")]
+CNN_BLOCKS = [
+    ("block1", "conv 1 -> 32 channels + max-pool, 28 x 28, weight gradients"),
+    ("block2", "conv 32 -> 64 channels + max-pool, 14 x 14, weight and input gradients"),
+]
 
 
 def cnn_block(name, mlx_layers=False):
     """One conv + max-pool block of models/cnn.py at batch 128, NHWC: forward, then backward from a
     dense random cotangent into its parameters and, where training needs it, its input (the first
     block's is the images). mlx_layers: as nn.Conv2d then nn.MaxPool2d compute it, not ConvPool."""
-    block = CNN().convs[int(name[-1]) - 1]
+    block = CNN(cpu_ops=True).convs[int(name[-1]) - 1]
     x = mx.random.normal((128, 28, 28, 1) if name == "block1" else (128, 14, 14, 32))
     layer = (lambda x: nn.MaxPool2d(2, 2)(nn.Conv2d.__call__(block, x))) if mlx_layers else block
     function, parameters = of_parameters(block, layer)
@@ -161,21 +168,27 @@ def row_sum(framework, shape=(LM_BATCH * CONTEXT, 4 * LM_DIM)):
     """Sum over the last axis: MLX's CPU reduction adds one element at a time; NumPy's vectorises."""
     x = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
     if framework == "numpy":
+
         def run():  # returns nothing: median_seconds takes a returned number as the call's own timing
             x.sum(axis=-1)
+
         return run
     x = mx.array(x)
     return lambda: mx.eval(x.sum(axis=-1))
 
 
-LM_PARTS = [("norm", "a layer norm"), ("attention", "attention: qkv, RoPE, causal softmax, projection"),
-            ("mlp", "MLP 128 -> 512 -> 128"), ("block", "one whole block: the three above and a second norm")]
+LM_PARTS = [
+    ("norm", "a layer norm"),
+    ("attention", "attention: qkv, RoPE, causal softmax, projection"),
+    ("mlp", "MLP 128 -> 512 -> 128"),
+    ("block", "one whole block: the three above and a second norm"),
+]
 
 
 def lm_part(name):
     """One part of a block of the Tiny Shakespeare LM on 16 x 64 tokens, 128 wide: forward, then backward
     from a dense random cotangent into its parameters and its input."""
-    block = Block(LM_DIM, 4, 0.0, rope=True)
+    block = Block(LM_DIM, 4, 0.0, rope=True, cpu_ops=True)
     part = {"norm": block.attention_norm, "attention": block.attention, "mlp": block.mlp, "block": block}[name]
     function, parameters = of_parameters(part, part)
     return forward_backward(function, [mx.random.normal((LM_BATCH, CONTEXT, LM_DIM)), *parameters])
@@ -186,8 +199,7 @@ def main():
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--match", default="", help="only the cases whose name contains this text")
     args = parser.parse_args()
-    mx.set_cache_limit(CACHE_LIMIT)  # as train.py does
-    blas.set_threads(1)
+    tuning = cpu_tuning.enable()  # as train.py runs on a CPU, with one BLAS thread
     torch_process, torch_version = start_torch()
 
     def pytorch(name, **request):
@@ -205,40 +217,56 @@ def main():
         "MLP step: no dropout": mlp_step(0.0, lambda: Adagrad(0.01), 1),
         "MLP step: SGD instead of Adagrad": mlp_step(0.1, lambda: optim.SGD(0.01), 1),
         "MLP step: none of the three": mlp_step(0.0, lambda: optim.SGD(0.01), 0),
-        "CNN step (batch 128), as bench/train_step.py's cnn row": mlx_stepper("cnn", *cnn_batch, compiled=True, threads=1),
+        "CNN step (batch 128), as bench/train_step.py's cnn row": mlx_stepper(
+            "cnn", *cnn_batch, compiled=True, threads=1
+        ),
         **pytorch("CNN step", model="cnn", batch=cnn_batch),
     }
     for block, description in CNN_BLOCKS:
         cases[f"CNN {block} ({description}), forward + backward"] = cnn_block(block)
         cases.update(pytorch(f"CNN {block}", layer=block))
-        cases[f"CNN {block} as nn.Conv2d + nn.MaxPool2d (MLX's vjps), forward + backward"] = cnn_block(block, mlx_layers=True)
-    cases.update({
-        "PTB output layer: matmuls, forward + backward": output_layer(None),
-        "PTB output layer: matmuls + nn.losses.cross_entropy": output_layer(
-            partial(nn.losses.cross_entropy, reduction="none")),
-        "PTB output layer: matmuls + the full softmax's cross-entropy (one exp a logit)": output_layer(softmax_cross_entropy),
-        "PTB output layer: class-factored softmax (train.py's for PTB)": class_output_layer(),
-        "LM step (Tiny Shakespeare's: 4 blocks, 128 wide, 1,024 tokens), as bench/train_step.py's lm row": mlx_stepper(
-            "lm", *lm_batch, compiled=True, threads=1),
-        **pytorch("LM step", model="lm", batch=lm_batch),
-    })
+        cases[f"CNN {block} as nn.Conv2d + nn.MaxPool2d (MLX's vjps), forward + backward"] = cnn_block(
+            block, mlx_layers=True
+        )
+    cases.update(
+        {
+            "PTB output layer: matmuls, forward + backward": output_layer(None),
+            "PTB output layer: matmuls + nn.losses.cross_entropy": output_layer(
+                partial(nn.losses.cross_entropy, reduction="none")
+            ),
+            "PTB output layer: matmuls + the full softmax's cross-entropy (one exp a logit)": output_layer(
+                softmax_cross_entropy
+            ),
+            "PTB output layer: class-factored softmax (train.py's for PTB)": class_output_layer(),
+            "LM step (Tiny Shakespeare's 4 blocks, 128 wide, 1,024 tokens), bench/train_step.py's lm row": mlx_stepper(
+                "lm", *lm_batch, compiled=True, threads=1
+            ),
+            **pytorch("LM step", model="lm", batch=lm_batch),
+        }
+    )
     for part, description in LM_PARTS:
         cases[f"LM {part} ({description}), forward + backward"] = lm_part(part)
         cases.update(pytorch(f"LM {part}", layer=f"lm {part}"))
-    cases.update({
-        "LM output (1,024 words), full softmax, forward + backward": output_layer(softmax_cross_entropy, vocab=VOCAB["lm"]),
-        **pytorch("LM output", layer="lm output"),
-        "LM matmuls of one block (qkv, projection, MLP; 1,024 tokens), forward + backward": block_matmuls(),
-        **pytorch("LM matmuls", layer="lm matmuls"),
-        "Adagrad update of a 784 x 512 weight, gradient column-major (nn.Linear's)": adagrad_update(True),
-        "Adagrad update of a 784 x 512 weight, gradient row-major (models/dense.py)": adagrad_update(False),
-        "Sum over the last axis of 1,024 x 512, MLX": row_sum("mlx"),
-        "Sum over the last axis of 1,024 x 512, NumPy": row_sum("numpy"),
-    })
+    cases.update(
+        {
+            "LM output (1,024 words), full softmax, forward + backward": output_layer(
+                softmax_cross_entropy, vocab=VOCAB["lm"]
+            ),
+            **pytorch("LM output", layer="lm output"),
+            "LM matmuls of one block (qkv, projection, MLP; 1,024 tokens), forward + backward": block_matmuls(),
+            **pytorch("LM matmuls", layer="lm matmuls"),
+            "Adagrad update of a 784 x 512 weight, gradient column-major (nn.Linear's)": adagrad_update(True),
+            "Adagrad update of a 784 x 512 weight, gradient row-major (models/dense.py)": adagrad_update(False),
+            "Sum over the last axis of 1,024 x 512, MLX": row_sum("mlx"),
+            "Sum over the last axis of 1,024 x 512, NumPy": row_sum("numpy"),
+        }
+    )
     cases = {name: case for name, case in cases.items() if args.match in name}
     seconds = median_seconds(cases, args.steps)
-    print(f"BLAS: {BLAS}, 1 thread; mlx {mx.__version__}; compiled kernels: {KERNELS}; "
-          f"torch {torch_version or 'not installed (no PyTorch rows)'}, 1 thread")
+    print(
+        f"BLAS: {tuning['blas']}, 1 thread; mlx {mx.__version__}; compiled kernels: {tuning['kernels']}; "
+        f"torch {torch_version or 'not installed (no PyTorch rows)'}, 1 thread"
+    )
     print("| case | median ms |")
     print("|---|---|")
     for name, t in seconds.items():

@@ -3,7 +3,7 @@
     python bench/torch_step.py     (started by bench/train_step.py; speaks JSON lines on stdin/stdout)
 
 PyTorch's wheels bring their own BLAS (MKL on x86-64). In bench/train_step.py's process, which
-loads OpenBLAS globally for MLX (blas.py), PyTorch's matmuls would bind to that OpenBLAS instead,
+loads OpenBLAS globally for MLX (cpu_tuning.py), PyTorch's matmuls would bind to that OpenBLAS instead,
 so they run here, with what PyTorch uses when a user runs it. Requests, one JSON object a line:
 
     {"op": "build", "key": K, "model": "mlp" | "cnn" | "lm", "batch": path of an .npz (x, y),
@@ -79,8 +79,9 @@ def transformer(torch, tnn, vocab, softmax, layers, dim, dropout):
             word_logits = torch.einsum("nd,nsd->ns", h, class_words[target_class])
             real = torch.arange(self.classes.out_features * self.size).view(-1, self.size) < vocab
             word_logits = word_logits.masked_fill(~real[target_class], float("-inf"))
-            return (tnn.functional.cross_entropy(self.classes(h), target_class)
-                    + tnn.functional.cross_entropy(word_logits, position))
+            return tnn.functional.cross_entropy(self.classes(h), target_class) + tnn.functional.cross_entropy(
+                word_logits, position
+            )
 
     return LM()
 
@@ -93,15 +94,34 @@ def stepper(torch, request):
     with np.load(request["batch"], allow_pickle=False) as batch:
         images, labels = batch["x"], batch["y"]
     if request["model"] == "mlp":
-        model = tnn.Sequential(tnn.Flatten(), tnn.Linear(784, 512), tnn.ReLU(), tnn.Dropout(0.1),
-                               tnn.Linear(512, 512), tnn.ReLU(), tnn.Dropout(0.1), tnn.Linear(512, 10))
+        model = tnn.Sequential(
+            tnn.Flatten(),
+            tnn.Linear(784, 512),
+            tnn.ReLU(),
+            tnn.Dropout(0.1),
+            tnn.Linear(512, 512),
+            tnn.ReLU(),
+            tnn.Dropout(0.1),
+            tnn.Linear(512, 10),
+        )
     elif request["model"] == "cnn":
-        model = tnn.Sequential(tnn.Conv2d(1, 32, 3, padding=1), tnn.ReLU(), tnn.MaxPool2d(2),
-                               tnn.Conv2d(32, 64, 3, padding=1), tnn.ReLU(), tnn.MaxPool2d(2), tnn.Flatten(),
-                               tnn.Linear(7 * 7 * 64, 128), tnn.ReLU(), tnn.Dropout(0.5), tnn.Linear(128, 10))
+        model = tnn.Sequential(
+            tnn.Conv2d(1, 32, 3, padding=1),
+            tnn.ReLU(),
+            tnn.MaxPool2d(2),
+            tnn.Conv2d(32, 64, 3, padding=1),
+            tnn.ReLU(),
+            tnn.MaxPool2d(2),
+            tnn.Flatten(),
+            tnn.Linear(7 * 7 * 64, 128),
+            tnn.ReLU(),
+            tnn.Dropout(0.5),
+            tnn.Linear(128, 10),
+        )
     else:
-        model = transformer(torch, tnn, request["vocab"], request["softmax"], request["layers"], request["dim"],
-                            request["dropout"])
+        model = transformer(
+            torch, tnn, request["vocab"], request["softmax"], request["layers"], request["dim"], request["dropout"]
+        )
     optimizer = torch.optim.Adagrad(model.parameters(), lr=0.02, eps=1e-8, fused=True)
     if request["model"] == "lm":
         x, y = torch.from_numpy(images).long(), torch.from_numpy(labels).long()
@@ -128,15 +148,22 @@ def layer_stepper(torch, request):
     torch.manual_seed(0)
     name, lm = request["layer"], transformer(torch, tnn, vocab=1024, softmax="full", layers=1, dim=128, dropout=0.0)
     block, targets = lm.blocks[0], torch.randint(0, 1024, (16 * 64,))
-    weights = [(0.02 * torch.randn(shape)).requires_grad_() for shape in [(128, 384), (128, 128), (128, 512), (512, 128)]]
-    shape, layer = {"block1": ((128, 1, 28, 28), tnn.Sequential(tnn.Conv2d(1, 32, 3, padding=1), tnn.MaxPool2d(2))),
-                    "block2": ((128, 32, 14, 14), tnn.Sequential(tnn.Conv2d(32, 64, 3, padding=1), tnn.MaxPool2d(2))),
-                    "lm norm": ((16, 64, 128), block.norm1), "lm attention": ((16, 64, 128), block.attention),
-                    "lm mlp": ((16, 64, 128), block.mlp), "lm block": ((16, 64, 128), block),
-                    "lm output": ((16 * 64, 128), lambda h: tnn.functional.cross_entropy(h @ lm.embedding.weight.T, targets)),
-                    "lm matmuls": ((16 * 64, 128), lambda x: (x @ weights[0]).sum() + (x @ weights[1]).sum()
-                                   + ((x @ weights[2]) @ weights[3]).sum()),
-                    }[name]
+    weights = [
+        (0.02 * torch.randn(shape)).requires_grad_() for shape in [(128, 384), (128, 128), (128, 512), (512, 128)]
+    ]
+    shape, layer = {
+        "block1": ((128, 1, 28, 28), tnn.Sequential(tnn.Conv2d(1, 32, 3, padding=1), tnn.MaxPool2d(2))),
+        "block2": ((128, 32, 14, 14), tnn.Sequential(tnn.Conv2d(32, 64, 3, padding=1), tnn.MaxPool2d(2))),
+        "lm norm": ((16, 64, 128), block.norm1),
+        "lm attention": ((16, 64, 128), block.attention),
+        "lm mlp": ((16, 64, 128), block.mlp),
+        "lm block": ((16, 64, 128), block),
+        "lm output": ((16 * 64, 128), lambda h: tnn.functional.cross_entropy(h @ lm.embedding.weight.T, targets)),
+        "lm matmuls": (
+            (16 * 64, 128),
+            lambda x: (x @ weights[0]).sum() + (x @ weights[1]).sum() + ((x @ weights[2]) @ weights[3]).sum(),
+        ),
+    }[name]
     x = torch.randn(shape, requires_grad=name != "block1")
     cotangent = torch.randn(layer(x).shape)
 

@@ -7,10 +7,10 @@ Every variant trains the same architecture on the same random batch with Adagrad
 at the recipes' defaults (MNIST 128 images; LM 128 wide, 16 windows of 64 tokens, with Tiny
 Shakespeare's 4 blocks, 1,024 BPE tokens and a full softmax (lm), or PTB's 2 blocks, 10,261 words
 and the class-factored softmax (ptb)), and with train.py's loss, models and compiled kernels
-(jit.py). MLX runs with OpenBLAS on 1 thread (train.py's bit-reproducible default), on 2, and
+(cpu_tuning.py). MLX runs with OpenBLAS on 1 thread (train.py's bit-reproducible default), on 2, and
 on 1 in each of 2 streams that split the batch (train.py --streams 2, also bit-reproducible);
 PyTorch on 1 thread and on 2, in a process of its own with the BLAS it brings (MKL in its x86-64
-wheels; bench/torch_step.py), not the OpenBLAS that blas.py loads into this one. The ratios
+wheels; bench/torch_step.py), not the OpenBLAS that cpu_tuning.py binds in this one. The ratios
 compare MLX on one thread with PyTorch on one, and each of MLX's two ways to use 2 cores with
 PyTorch on 2 threads.
 The variants take turns, a few steps at a time, so load on the machine hits all
@@ -28,33 +28,31 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import blas  # noqa: E402
-import jit  # noqa: E402
-
-BLAS = blas.load_optimized_blas()
-KERNELS = jit.use_native_kernels()
-
 import mlx.core as mx  # noqa: E402
 import mlx.nn as nn  # noqa: E402
 import numpy as np  # noqa: E402
 
+import cpu_tuning  # noqa: E402
 from adagrad import Adagrad  # noqa: E402
 from models.cnn import CNN  # noqa: E402
 from models.mlp import MLP  # noqa: E402
 from models.transformer import Transformer  # noqa: E402
-from train import CACHE_LIMIT, DEFAULTS, DROPOUT, LM_RECIPES, build_parser, cpu_streams, training_step  # noqa: E402
+from train import RECIPES, build_parser, training_step  # noqa: E402
 
 VOCAB = {"lm": 1024, "ptb": 10261}  # train.py --task lm's vocabularies: BPE default, PTB's words
 SOFTMAX = {"lm": "full", "ptb": "class"}  # and its output layers and depths for them
-LAYERS = {"lm": LM_RECIPES["tinyshakespeare"]["layers"], "ptb": LM_RECIPES["ptb"]["layers"]}
+LAYERS = {"lm": RECIPES["dataset"]["tinyshakespeare"]["layers"], "ptb": RECIPES["dataset"]["ptb"]["layers"]}
 TRAIN_PARSER = build_parser()
-CONTEXT, LM_DIM, LM_BATCH = TRAIN_PARSER.get_default("context"), TRAIN_PARSER.get_default("dim"), DEFAULTS["lm"]["batch_size"]
+CONTEXT, LM_DIM = TRAIN_PARSER.get_default("context"), TRAIN_PARSER.get_default("dim")
+LM_BATCH, LM_DROPOUT = RECIPES["task"]["lm"]["batch_size"], RECIPES["model"]["transformer"]["dropout"]
 
 
 def make_mlx_model(name):
     if name in VOCAB:
-        return Transformer(VOCAB[name], CONTEXT, LAYERS[name], LM_DIM, dropout=DROPOUT["transformer"], softmax=SOFTMAX[name])
-    return {"mlp": MLP, "cnn": CNN}[name]()
+        return Transformer(
+            VOCAB[name], CONTEXT, LAYERS[name], LM_DIM, dropout=LM_DROPOUT, softmax=SOFTMAX[name], cpu_ops=True
+        )
+    return MLP() if name == "mlp" else CNN(cpu_ops=True)
 
 
 def make_batch(name, rng):
@@ -75,12 +73,12 @@ def mlx_stepper(model_name, images, labels, compiled, threads, streams=1):
         token_losses = lambda model, x, y: model.nll(x, y)  # noqa: E731
     else:
         token_losses = lambda model, x, y: nn.losses.cross_entropy(model(x), y, reduction="none")  # noqa: E731
-    step = training_step(model, optimizer, token_losses, lambda x: x, cpu_streams(streams))  # train.py's step
+    step = training_step(model, optimizer, token_losses, lambda x: x, streams)  # train.py's step
     if compiled:
         step = mx.compile(step, inputs=state, outputs=state)
 
     def run():
-        blas.set_threads(threads)
+        cpu_tuning.set_blas_threads(threads)
         mx.eval(step(x, y, scale), state)
 
     return run
@@ -88,11 +86,15 @@ def mlx_stepper(model_name, images, labels, compiled, threads, streams=1):
 
 def start_torch():
     """bench/torch_step.py in a process of its own, where PyTorch uses its own BLAS; (process, version),
-    or (None, None) without torch. Not imported here: its matmuls would bind to blas.py's OpenBLAS."""
+    or (None, None) without torch. Not imported here: its matmuls would bind to the OpenBLAS loaded for MLX."""
     if importlib.util.find_spec("torch") is None:
         return None, None
-    child = subprocess.Popen([sys.executable, str(Path(__file__).with_name("torch_step.py"))],
-                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    child = subprocess.Popen(
+        [sys.executable, str(Path(__file__).with_name("torch_step.py"))],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     hello = ask(child)
     if "torch" not in hello:
         child.wait()
@@ -122,8 +124,14 @@ def torch_stepper(child, model_name, images, labels, threads):
     """PyTorch's training step of `model_name` on this batch in `child` (see torch_runner)."""
     request = {"model": model_name, "threads": threads}
     if model_name in VOCAB:
-        request.update(model="lm", vocab=VOCAB[model_name], softmax=SOFTMAX[model_name], layers=LAYERS[model_name],
-                       dim=LM_DIM, dropout=DROPOUT["transformer"])
+        request.update(
+            model="lm",
+            vocab=VOCAB[model_name],
+            softmax=SOFTMAX[model_name],
+            layers=LAYERS[model_name],
+            dim=LM_DIM,
+            dropout=LM_DROPOUT,
+        )
     with tempfile.TemporaryDirectory() as folder:  # the child reads the batch before it answers
         batch_file = str(Path(folder) / "batch.npz")
         np.savez(batch_file, x=images, y=labels)
@@ -152,11 +160,14 @@ def main():
     parser.add_argument("--model", nargs="+", default=["mlp", "cnn", "lm", "ptb"], choices=["mlp", "cnn", "lm", "ptb"])
     parser.add_argument("--steps", type=int, default=40)
     args = parser.parse_args()
-    mx.set_cache_limit(CACHE_LIMIT)  # as train.py does
+    tuning = cpu_tuning.enable()  # as train.py runs on a CPU
 
     torch_process, torch_version = start_torch()
     rng = np.random.default_rng(0)
-    print(f"BLAS: {BLAS}; mlx {mx.__version__}; compiled kernels: {KERNELS}; torch {torch_version or 'not installed'}")
+    print(
+        f"BLAS: {tuning['blas']}; mlx {mx.__version__}; compiled kernels: {tuning['kernels']}; "
+        f"torch {torch_version or 'not installed'}"
+    )
     names = ["mlx compiled, 1 thread", "mlx compiled, 2 BLAS threads", "mlx compiled, 2 streams", "mlx eager, 1 thread"]
     names += ["torch, fused Adagrad, 1 thread", "torch, fused Adagrad, 2 threads"] if torch_version else []
     ratio_names = ["mlx / torch, 1 thread", "mlx 2 BLAS threads / torch 2 threads", "mlx 2 streams / torch 2 threads"]
@@ -164,10 +175,12 @@ def main():
     print("|---" * (len(names) + len(ratio_names) + 2) + "|")
     for model_name in args.model:
         images, labels = make_batch(model_name, rng)
-        steppers = {names[0]: mlx_stepper(model_name, images, labels, True, 1),
-                    names[1]: mlx_stepper(model_name, images, labels, True, 2),
-                    names[2]: mlx_stepper(model_name, images, labels, True, 1, streams=2),
-                    names[3]: mlx_stepper(model_name, images, labels, False, 1)}
+        steppers = {
+            names[0]: mlx_stepper(model_name, images, labels, True, 1),
+            names[1]: mlx_stepper(model_name, images, labels, True, 2),
+            names[2]: mlx_stepper(model_name, images, labels, True, 1, streams=2),
+            names[3]: mlx_stepper(model_name, images, labels, False, 1),
+        }
         if torch_version:
             steppers[names[4]] = torch_stepper(torch_process, model_name, images, labels, 1)
             steppers[names[5]] = torch_stepper(torch_process, model_name, images, labels, 2)
@@ -178,7 +191,13 @@ def main():
         else:
             ratios = ["-"] * len(ratio_names)
         unit = "tokens/s" if model_name in VOCAB else "samples/s"
-        print(f"| {model_name} | {unit} | " + " | ".join(f"{rate[n]:,.0f}" for n in names) + " | " + " | ".join(ratios) + " |")
+        print(
+            f"| {model_name} | {unit} | "
+            + " | ".join(f"{rate[n]:,.0f}" for n in names)
+            + " | "
+            + " | ".join(ratios)
+            + " |"
+        )
 
 
 if __name__ == "__main__":

@@ -23,10 +23,18 @@ import numpy as np  # noqa: E402
 HERE = Path(__file__).parent
 PLOTS = {  # png name: (title, log-file pattern, metric key, metric label)
     "mnist.png": ("MNIST, MLP 784-512-512-10", "mnist_mlp_*.jsonl", "test_acc", "test accuracy (%)"),
-    "lm_tinyshakespeare.png": ("Tiny Shakespeare, transformer LM", "lm_tinyshakespeare_*.jsonl",
-                               "val_nats_per_char", "validation loss (nats per character)"),
-    "lm_ptb.png": ("Penn Treebank, word-level transformer LM", "lm_ptb_*.jsonl", "val_word_ppl",
-                   "validation word perplexity"),
+    "lm_tinyshakespeare.png": (
+        "Tiny Shakespeare, transformer LM",
+        "lm_tinyshakespeare_*.jsonl",
+        "val_nats_per_char",
+        "validation loss (nats per character)",
+    ),
+    "lm_ptb.png": (
+        "Penn Treebank, word-level transformer LM",
+        "lm_ptb_*.jsonl",
+        "val_word_ppl",
+        "validation word perplexity",
+    ),
 }
 
 

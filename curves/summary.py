@@ -1,6 +1,6 @@
 """Print the README's results table from the recorded runs in curves/.
 
-    python curves/summary.py
+python curves/summary.py
 """
 
 import json
@@ -21,14 +21,30 @@ def summarize(path):
     rate = statistics.median(r[rate_key] for r in steps)
     if config["task"] == "mnist":
         first_98 = next((r["elapsed_s"] for r in evals if r["test_acc"] >= 0.98), None)
-        result = f"test accuracy {100 * final['test_acc']:.2f}%" + (f" (98% after {first_98:.0f} s)" if first_98 else "")
+        result = f"test accuracy {100 * final['test_acc']:.2f}%" + (
+            f" (98% after {first_98:.0f} s)" if first_98 else ""
+        )
     else:
         result = f"val {final['val_nats_per_char']:.3f} nats/char"
         if "test_word_ppl" in final:
-            result += f", test {final['test_nats_per_char']:.3f} nats/char, test word perplexity {final['test_word_ppl']:.1f}"
+            result += (
+                f", test {final['test_nats_per_char']:.3f} nats/char, test word perplexity {final['test_word_ppl']:.1f}"
+            )
     unit = "tokens/s" if config["task"] == "lm" else "samples/s"
-    return (f"| {path.stem} | `{header['command']}` | {result} | {final['elapsed_s'] / 60:.1f} min | "
-            f"{rate:,.0f} {unit} |")
+    return (
+        f"| {path.stem} | `{header['command']}` | {result} | {final['elapsed_s'] / 60:.1f} min | {rate:,.0f} {unit} |"
+    )
+
+
+# Logs written before headers named the CPU: the kernel set OpenBLAS chose names its family.
+CPU_BY_KERNELS = {"SkylakeX": "Intel Xeon with AVX-512", "Cooperlake": "Intel Xeon (Cooper Lake)", "Zen": "AMD EPYC"}
+
+
+def machine(header):
+    """The hardware and software a run was recorded on, as one line."""
+    kernels = next((name for name in CPU_BY_KERNELS if f" {name} kernels" in header["blas"]), None)
+    cpu = header.get("cpu") or CPU_BY_KERNELS.get(kernels, header["machine"])
+    return f"{cpu}, {header.get('cores', 2)} cores, {header['machine']} Linux; MLX {header['mlx']}; BLAS {header['blas']}"
 
 
 if __name__ == "__main__":
@@ -38,6 +54,6 @@ if __name__ == "__main__":
     for path in sorted(HERE.glob("*.jsonl")):
         print(summarize(path))
         header = json.loads(path.read_text().splitlines()[0])
-        machines.setdefault(f"{header['platform']}, 2 cores, MLX {header['mlx']}, BLAS {header['blas']}", []).append(path.stem)
+        machines.setdefault(machine(header), []).append(path.stem)
     for machine, runs in machines.items():
         print(f"\nMachine: {machine}" + (f" ({', '.join(runs)})." if len(machines) > 1 else "."))

@@ -58,8 +58,10 @@ def ensure_file(path: Path, urls: list, expected_sha256: str) -> Path:
                 raise DataError(f"{path} is missing and could not be downloaded (no network?): {hint}")
         got = sha256(Path(tmp))
         if got != expected_sha256:
-            raise DataError(f"downloaded {path.name} has sha256 {got[:12]}..., expected {expected_sha256[:12]}...: "
-                            f"the mirror served a different file; {hint}")
+            raise DataError(
+                f"downloaded {path.name} has sha256 {got[:12]}..., expected {expected_sha256[:12]}...: "
+                f"the mirror served a different file; {hint}"
+            )
         os.replace(tmp, path)
         return path
     finally:

@@ -75,14 +75,19 @@ def splits_from_hub(loaded) -> dict:
 def load_wikitext2() -> dict:
     import datasets
 
+    offline = datasets.config.HF_HUB_OFFLINE
     if not hub_reachable():
         # The hub client retries for ~24 s when offline; its offline mode answers at once from the cache.
         datasets.config.HF_HUB_OFFLINE = True
     try:
         return splits_from_hub(datasets.load_dataset(*HUB))
     except Exception as e:  # noqa: BLE001 - every failure of the hub path gets the same one-line answer
-        raise DataError(f"wikitext-2 needs the Hugging Face hub ({HUB[0]}, {HUB[1]}), which is unreachable and not "
-                        f"cached ({type(e).__name__}): go online once, or pass the .txt files as --dataset PATH") from None
+        raise DataError(
+            f"wikitext-2 needs the Hugging Face hub ({HUB[0]}, {HUB[1]}), which is unreachable and not "
+            f"cached ({type(e).__name__}): go online once, or pass the .txt files as --dataset PATH"
+        ) from None
+    finally:
+        datasets.config.HF_HUB_OFFLINE = offline
 
 
 def load_splits(dataset: str, data_dir: Path) -> dict:
@@ -120,9 +125,19 @@ def tokenizer(train_text: str, vocab_size, model_type: str, cache_dir: Path):
     """
     import sentencepiece as spm
 
-    settings = dict(vocab_size=vocab_size, model_type=model_type, byte_fallback=True, character_coverage=1.0,
-                    normalization_rule_name="identity", remove_extra_whitespaces=False, add_dummy_prefix=False,
-                    user_defined_symbols=["\n"], split_digits=True, num_threads=2, minloglevel=2)
+    settings = dict(
+        vocab_size=vocab_size,
+        model_type=model_type,
+        byte_fallback=True,
+        character_coverage=1.0,
+        normalization_rule_name="identity",
+        remove_extra_whitespaces=False,
+        add_dummy_prefix=False,
+        user_defined_symbols=["\n"],
+        split_digits=True,
+        num_threads=2,
+        minloglevel=2,
+    )
     if model_type == "word":  # PTB writes unknown words as "<unk>", SentencePiece's own name: keep it a word
         settings["unk_piece"] = "<sp-unk>"
         if vocab_size is None:
@@ -132,11 +147,18 @@ def tokenizer(train_text: str, vocab_size, model_type: str, cache_dir: Path):
     if not path.exists():
         model = io.BytesIO()
         try:
-            spm.SentencePieceTrainer.train(sentence_iterator=iter(train_text.split("\n")), model_writer=model, **settings)
+            spm.SentencePieceTrainer.train(
+                sentence_iterator=iter(train_text.split("\n")), model_writer=model, **settings
+            )
         except RuntimeError as e:
             most, least = re.search(r"<= (\d+)", str(e)), re.search(r"required_chars\. \d+ vs (\d+)", str(e))
-            limit = (f"at most {most.group(1)}" if most else f"at least {least.group(1)}" if least
-                     else str(e).splitlines()[-1])
+            limit = (
+                f"at most {most.group(1)}"
+                if most
+                else f"at least {least.group(1)}"
+                if least
+                else str(e).splitlines()[-1]
+            )
             raise DataError(f"--vocab-size {vocab_size} does not fit this training text ({limit})") from None
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # processes of one launch may race here
@@ -212,6 +234,6 @@ def eval_windows(tokens: np.ndarray, context: int, batch_size: int = 64):
         windows.append((start, start + offsets >= scored_until))
         scored_until = start + length
     for i in range(0, len(windows), batch_size):
-        batch = windows[i:i + batch_size]
+        batch = windows[i : i + batch_size]
         positions = np.array([start for start, _ in batch])[:, None] + offsets
         yield tokens[positions], tokens[positions + 1], np.stack([scored for _, scored in batch])

@@ -6,11 +6,14 @@ from models.dense import Dense
 
 
 class CNN(nn.Module):
-    """Two 3x3 conv + max-pool blocks (32, 64 channels), then 128 hidden units; takes uint8 NHWC images."""
+    """Two 3x3 conv + max-pool blocks (32, 64 channels), then 128 hidden units; takes uint8 NHWC images.
 
-    def __init__(self, channels=(32, 64), hidden=128, dropout=0.5, num_classes=10):
+    cpu_ops=True computes each block as models/conv.py does for MLX's CPU kernels; False with MLX's
+    nn.Conv2d and nn.MaxPool2d (for a GPU). Same parameters either way."""
+
+    def __init__(self, channels=(32, 64), hidden=128, dropout=0.5, num_classes=10, cpu_ops=False):
         super().__init__()
-        self.convs = [ConvPool(1, channels[0]), ConvPool(channels[0], channels[1])]
+        self.convs = [ConvPool(1, channels[0], cpu_ops), ConvPool(channels[0], channels[1], cpu_ops)]
         self.fc = Dense(7 * 7 * channels[1], hidden)
         self.head = Dense(hidden, num_classes)
         self.dropout = nn.Dropout(dropout)

@@ -13,7 +13,7 @@ _A_T = np.array([[1, 1, 1, 0], [0, 1, -1, -1]], np.float32)
 INPUT_TRANSFORM = mx.array(np.kron(_B_T, _B_T))  # (16, 16)
 KERNEL_TRANSFORM = mx.array(np.kron(_G, _G))  # (16, 9)
 OUTPUT_TRANSFORM = mx.array(np.kron(_A_T, _A_T))  # (4, 16)
-WINOGRAD_MIN_CHANNELS = 16  # measured: faster at 32 input channels (the CNN's second block), slower at 1
+WINOGRAD_MIN_CHANNELS = 16  # faster at 32 input channels (the CNN's second block), slower at 1
 
 
 def unfold_by_parity(x):
@@ -23,8 +23,9 @@ def unfold_by_parity(x):
     b, h, w, c = x.shape
     padded = mx.pad(x, [(0, 0), (1, 1), (1, 1), (0, 0)])
     row, pixel = (w + 2) * c, c
-    windows = mx.as_strided(padded, (2, 2, b, h // 2, w // 2, 3, 3, c),
-                            (row, pixel, (h + 2) * row, 2 * row, 2 * pixel, row, pixel, 1))
+    windows = mx.as_strided(
+        padded, (2, 2, b, h // 2, w // 2, 3, 3, c), (row, pixel, (h + 2) * row, 2 * row, 2 * pixel, row, pixel, 1)
+    )
     return windows.reshape(b * h * w, 9 * c)
 
 
@@ -59,7 +60,7 @@ def conv3x3_by_parity_vjp(primals, cotangents, outputs):
     dy = dy.reshape(2, 2, b, half_h, half_w, out_channels).transpose(2, 3, 0, 4, 1, 5).reshape(-1, out_channels)
     offsets = (weight.reshape(out_channels, -1).T @ dy.T).reshape(3, 3, in_channels, b, h, w)
     padded = sum(mx.pad(offsets[i, j], [(0, 0), (0, 0), (i, 2 - i), (j, 2 - j)]) for i in range(3) for j in range(3))
-    return padded[:, :, 1:h + 1, 1:w + 1].transpose(1, 2, 3, 0), weight_grad
+    return padded[:, :, 1 : h + 1, 1 : w + 1].transpose(1, 2, 3, 0), weight_grad
 
 
 def winograd_tiles(x):
@@ -108,34 +109,40 @@ def winograd_by_parity_vjp(primals, cotangents, outputs):
     out_channels = weight.shape[0]
     products_grad = (OUTPUT_TRANSFORM.T @ dy.reshape(4, -1)).reshape(16, -1, out_channels)
     kernel_grad = transformed.swapaxes(1, 2) @ products_grad
-    weight_grad = (KERNEL_TRANSFORM.T @ kernel_grad.reshape(16, -1)).reshape(3, 3, c, out_channels).transpose(3, 0, 1, 2)
+    weight_grad = (
+        (KERNEL_TRANSFORM.T @ kernel_grad.reshape(16, -1)).reshape(3, 3, c, out_channels).transpose(3, 0, 1, 2)
+    )
     transformed_grad = products_grad @ winograd_kernel(weight).swapaxes(1, 2)
     # tile row 2 * r_hi + r_lo, column 2 * c_hi + c_lo lands on padded pixel (2 (i + r_hi) + r_lo, 2 (j + c_hi) + c_lo)
     tiles_grad = (INPUT_TRANSFORM.T @ transformed_grad.reshape(16, -1)).reshape(2, 2, 2, 2, b, h // 2, w // 2, c)
-    blocks = sum(mx.pad(tiles_grad[r_hi, :, c_hi], [(0, 0)] * 3 + [(r_hi, 1 - r_hi), (c_hi, 1 - c_hi), (0, 0)])
-                 for r_hi in range(2) for c_hi in range(2))  # (r_lo, c_lo, b, h/2 + 1, w/2 + 1, c)
+    blocks = sum(
+        mx.pad(tiles_grad[r_hi, :, c_hi], [(0, 0)] * 3 + [(r_hi, 1 - r_hi), (c_hi, 1 - c_hi), (0, 0)])
+        for r_hi in range(2)
+        for c_hi in range(2)
+    )  # (r_lo, c_lo, b, h/2 + 1, w/2 + 1, c)
     padded = blocks.transpose(2, 3, 0, 4, 1, 5).reshape(b, h + 2, w + 2, c)
-    return padded[:, 1:h + 1, 1:w + 1], weight_grad
+    return padded[:, 1 : h + 1, 1 : w + 1], weight_grad
 
 
 class ConvPool(nn.Conv2d):
     """nn.MaxPool2d(2, 2)(nn.Conv2d(in, out, 3, padding=1)(x)) as one layer, with nn.Conv2d's parameters.
 
-    On the CPU the convolution comes out grouped by pixel parity, by Winograd's algorithm
-    (winograd_by_parity) from 16 input channels up, else unfolded (conv3x3_by_parity), so the pooling
-    is a max over the first axis of contiguous blocks rather than over a strided view (the same
-    function, gradient included: the cotangent split evenly among tied maxima). The bias comes after
-    the max, on a quarter of the values: max(y) + b = max(y + b) exactly, rounding being monotonic;
-    the gradient differs from the two MLX layers' only where two outputs differ but round equal once
-    b is added (they split the cotangent there; this gives it to the larger). README "Speed".
-    On a GPU, or for odd sizes, it is the two MLX layers: nothing here was measured on a GPU.
+    With cpu_ops (for MLX's CPU kernels) the convolution comes out grouped by pixel parity, by
+    Winograd's algorithm (winograd_by_parity) from 16 input channels up, else unfolded
+    (conv3x3_by_parity), so the pooling is a max over the first axis of contiguous blocks rather than
+    over a strided view (the same function, gradient included: the cotangent split evenly among tied
+    maxima). The bias comes after the max, on a quarter of the values: max(y) + b = max(y + b)
+    exactly, rounding being monotonic; the gradient differs from the two MLX layers' only where two
+    outputs differ but round equal once b is added (they split the cotangent there; this gives it to
+    the larger). Without cpu_ops, or for odd sizes, it is the two MLX layers.
     """
 
-    def __init__(self, in_channels: int, out_channels: int):
+    def __init__(self, in_channels: int, out_channels: int, cpu_ops: bool = False):
         super().__init__(in_channels, out_channels, 3, padding=1)
+        self.cpu_ops = cpu_ops
 
     def __call__(self, x):
-        if mx.default_device() != mx.cpu or x.shape[1] % 2 or x.shape[2] % 2:
+        if not self.cpu_ops or x.shape[1] % 2 or x.shape[2] % 2:
             return nn.MaxPool2d(2, 2)(super().__call__(x))
         convolution = winograd_by_parity if x.shape[-1] >= WINOGRAD_MIN_CHANNELS else conv3x3_by_parity
         return convolution(x, self.weight)[0].max(axis=0) + self.bias

@@ -9,7 +9,7 @@ class Dense(nn.Module):
 
     nn.Linear stores w as (out, in) and computes x @ w.T; MLX returns its gradient as the transpose
     of x.T @ dy, a column-major view, so the optimizer's elementwise update of w reads it across
-    rows (a 784 x 512 Adagrad update, bench/step_costs.py: 1.24 ms, against 0.25 ms row-major).
+    rows (bench/step_costs.py times both; docs/performance.md).
     Stored (in, out), the gradient x.T @ dy is row-major like w and its optimizer state.
     Initialised as nn.Linear (uniform in +-1/sqrt(in), drawn as (out, in)), so the same seed gives
     the same function.

@@ -1,6 +1,6 @@
 """One process of a data-parallel test run: train.py, then save this rank's weights and optimizer state.
 
-    mlx.launch -n 2 --backend ring -- python tests/distributed_worker.py OUT_DIR [train.py arguments]
+mlx.launch -n 2 --backend ring -- python tests/distributed_worker.py OUT_DIR [train.py arguments]
 """
 
 import sys
@@ -8,10 +8,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parents[1]))
 
-import train  # noqa: E402 - loads OpenBLAS before mlx.core
+import cpu_tuning  # noqa: E402
+
+cpu_tuning.enable(cpu_tuning.default_on())  # before mlx.core: train.main(argv) does not restart the process
 
 import mlx.core as mx  # noqa: E402
 from mlx.utils import tree_flatten  # noqa: E402
+
+import train  # noqa: E402
 
 out_dir, argv = Path(sys.argv[1]), sys.argv[2:]
 model, optimizer = train.main(argv)

@@ -16,13 +16,17 @@ def nested_tree(seed, dtype=mx.float32):
     """Parameters shaped like a real model: dicts of lists of dicts of arrays."""
     key = mx.random.key(seed)
     k = mx.random.split(key, 5)
-    return {
-        "layers": [
-            {"weight": mx.random.normal((8, 5), key=k[0]), "bias": mx.random.normal((8,), key=k[1])},
-            {"weight": mx.random.normal((3, 8), key=k[2]), "bias": mx.random.normal((3,), key=k[3])},
-        ],
-        "embedding": {"weight": mx.random.normal((11, 4), key=k[4])},
-    } if dtype == mx.float32 else tree_map(lambda p: p.astype(dtype), nested_tree(seed))
+    return (
+        {
+            "layers": [
+                {"weight": mx.random.normal((8, 5), key=k[0]), "bias": mx.random.normal((8,), key=k[1])},
+                {"weight": mx.random.normal((3, 8), key=k[2]), "bias": mx.random.normal((3,), key=k[3])},
+            ],
+            "embedding": {"weight": mx.random.normal((11, 4), key=k[4])},
+        }
+        if dtype == mx.float32
+        else tree_map(lambda p: p.astype(dtype), nested_tree(seed))
+    )
 
 
 def gradient_sequence(steps, seed=1):
@@ -57,7 +61,11 @@ def assert_trees_equal(a, b):
 
 @pytest.mark.parametrize(
     "learning_rate",
-    [0.1, optim.cosine_decay(0.1, 30), optim.join_schedules([optim.linear_schedule(0, 0.1, 5), optim.exponential_decay(0.1, 0.9)], [5])],
+    [
+        0.1,
+        optim.cosine_decay(0.1, 30),
+        optim.join_schedules([optim.linear_schedule(0, 0.1, 5), optim.exponential_decay(0.1, 0.9)], [5]),
+    ],
     ids=["constant", "cosine", "warmup+exp"],
 )
 def test_bit_identical_to_mlx_adagrad(learning_rate):
@@ -67,8 +75,9 @@ def test_bit_identical_to_mlx_adagrad(learning_rate):
     assert_trees_equal(ours.state, theirs.state)
 
 
-def torch_adagrad_reference(params, grads, lr, eps, initial_accumulator_value=0.0, lr_decay=0.0,
-                            weight_decay=0.0, eps_inside_sqrt=False):
+def torch_adagrad_reference(
+    params, grads, lr, eps, initial_accumulator_value=0.0, lr_decay=0.0, weight_decay=0.0, eps_inside_sqrt=False
+):
     """NumPy float64 transcription of torch.optim.Adagrad's documented algorithm
     (plus the optax/Keras eps placement), applied leaf by leaf to a flattened tree."""
     params = {k: np.array(v, np.float64) for k, v in tree_flatten(params)}
@@ -109,8 +118,9 @@ def test_matches_float64_reference(options):
         np.testing.assert_allclose(np.array(v), want_v[k], rtol=1e-5, err_msg=k)
 
 
-@pytest.mark.parametrize("options", [o for o in OPTION_SETS if not o.get("eps_inside_sqrt")],
-                         ids=lambda o: ",".join(o) or "defaults")
+@pytest.mark.parametrize(
+    "options", [o for o in OPTION_SETS if not o.get("eps_inside_sqrt")], ids=lambda o: ",".join(o) or "defaults"
+)
 def test_matches_torch(options):
     torch = pytest.importorskip("torch", reason="torch is not installed; the NumPy transcription above still runs")
     grads = gradient_sequence(12)
@@ -135,7 +145,9 @@ def test_matches_torch(options):
 # Low precision. Each check runs on stock MLX too, where it must fail (strict xfail): that
 # proves the check detects the bug, and tells us the day MLX fixes it.
 
-STOCK_FAILS = pytest.param(optim.Adagrad, marks=pytest.mark.xfail(strict=True, reason="stock MLX computes v in the parameter dtype"))
+STOCK_FAILS = pytest.param(
+    optim.Adagrad, marks=pytest.mark.xfail(strict=True, reason="stock MLX computes v in the parameter dtype")
+)
 
 
 @pytest.mark.parametrize("make", [Adagrad, STOCK_FAILS], ids=["ours", "mlx"])
@@ -173,7 +185,9 @@ def test_bfloat16_accumulator_counts_past_256(make):
 def test_low_precision_update_computed_in_state_dtype():
     """For bf16 weights the result equals the float32 update of the same values, cast once."""
     grads = gradient_sequence(5)
-    ours = run(Adagrad(0.05), nested_tree(0, mx.bfloat16), [tree_map(lambda g: g.astype(mx.bfloat16), g) for g in grads])
+    ours = run(
+        Adagrad(0.05), nested_tree(0, mx.bfloat16), [tree_map(lambda g: g.astype(mx.bfloat16), g) for g in grads]
+    )
     reference = Adagrad(0.05)
     params = tree_map(lambda p: p.astype(mx.float32), nested_tree(0, mx.bfloat16))
     for g in grads:
@@ -229,7 +243,8 @@ def batches(count, sizes=(16,)):
         yield mx.array(rng.normal(size=(n, 6)).astype(np.float32)), mx.array(rng.integers(0, 4, n).astype(np.int32))
 
 
-def make_training(compiled, learning_rate=optim.cosine_decay(0.1, 40), traces=None):
+def make_training(compiled, learning_rate=None, traces=None):
+    learning_rate = optim.cosine_decay(0.1, 40) if learning_rate is None else learning_rate
     mx.random.seed(0)
     model = MLP()
     optimizer = Adagrad(learning_rate, initial_accumulator_value=0.01, lr_decay=0.001, weight_decay=1e-4)
@@ -304,7 +319,8 @@ def test_save_and_resume_is_bit_exact(tmp_path):
 
 
 def test_capturing_only_model_state_is_the_documented_trap():
-    """Without optimizer.state in the compiled state, v never accumulates: sign-SGD."""
+    """Without optimizer.state in the compiled state, v never accumulates (sign-SGD) while the batch
+    shape stays fixed, and a new shape crashes the step."""
     mx.random.seed(0)
     model = nn.Linear(3, 1)
     optimizer = Adagrad(0.1)
@@ -323,3 +339,7 @@ def test_capturing_only_model_state_is_the_documented_trap():
     # Three steps of lr * sign(g): exactly 0.3 of movement. Real Adagrad with nearly equal
     # gradients would move about 0.1 * (1 + 1/sqrt(2) + 1/sqrt(3)) = 0.23.
     np.testing.assert_allclose(np.array(model.weight) - w0, 0.3, rtol=1e-5)
+    # A new batch shape retraces the step, which then reads the optimizer state the first trace left
+    # behind: a crash, as at the short last batch of an epoch.
+    with pytest.raises(RuntimeError, match="Attempting to eval an array without a primitive"):
+        mx.eval(step(x[:3], y[:3]), model.state)

@@ -12,6 +12,7 @@ from models.conv import WINOGRAD_MIN_CHANNELS, ConvPool
 def forward_and_gradients(layer, compiled=False):
     """(x, cotangent) -> the layer's output and the gradients of sum(output * cotangent) in its
     weight, bias and input."""
+
     def loss(params, x, cotangent):
         layer.update(params)
         return (layer(x) * cotangent).sum()
@@ -37,14 +38,16 @@ def images_with_blank_areas(shape):
 
 
 # unfolded: a small case and the CNN's first block; Winograd's: the CNN's second block, and non-square at its threshold
-@pytest.mark.parametrize("shape, channels", [((3, 6, 8, 2), 4), ((4, 28, 28, 1), 32), ((16, 14, 14, 32), 64),
-                                            ((8, 10, 12, WINOGRAD_MIN_CHANNELS), 24)])
+@pytest.mark.parametrize(
+    "shape, channels",
+    [((3, 6, 8, 2), 4), ((4, 28, 28, 1), 32), ((16, 14, 14, 32), 64), ((8, 10, 12, WINOGRAD_MIN_CHANNELS), 24)],
+)
 @pytest.mark.parametrize("compiled", [False, True])
 def test_same_function_and_gradients_as_conv2d_then_maxpool2d(shape, channels, compiled):
     mx.random.seed(2)
     reference = ConvThenMaxPool(shape[-1], channels, 3, padding=1)
     mx.random.seed(2)
-    ours = ConvPool(shape[-1], channels)  # drawn as nn.Conv2d draws them
+    ours = ConvPool(shape[-1], channels, cpu_ops=True)  # drawn as nn.Conv2d draws them
     assert all(mx.array_equal(a, b) for a, b in zip(reference.parameters().values(), ours.parameters().values()))
     x, cotangent = images_with_blank_areas(shape), mx.random.normal((shape[0], shape[1] // 2, shape[2] // 2, channels))
     expected = forward_and_gradients(reference, compiled)(x, cotangent)
@@ -66,7 +69,9 @@ def test_parity_blocks_max_is_mlx_max_pooling_bit_for_bit():
     output and gradient bit for bit, ties included (the cotangent split evenly among tied maxima)."""
     z = mx.random.normal((4, 10, 12, 3))
     z = mx.where(mx.random.uniform(shape=z.shape) < 0.5, mx.array(0.25), z)  # ties
-    blocks = z.reshape(4, 5, 2, 6, 2, 3).transpose(2, 4, 0, 1, 3, 5).reshape(4, 4, 5, 6, 3)  # [2p + q] = z[:, p::2, q::2]
+    blocks = (
+        z.reshape(4, 5, 2, 6, 2, 3).transpose(2, 4, 0, 1, 3, 5).reshape(4, 4, 5, 6, 3)
+    )  # [2p + q] = z[:, p::2, q::2]
     cotangent = mx.random.normal((4, 5, 6, 3))
     (pooled,), (z_grad,) = mx.vjp(nn.MaxPool2d(2, 2), [z], [cotangent])
     (maxed,), (blocks_grad,) = mx.vjp(lambda b: b.max(axis=0), [blocks], [cotangent])
@@ -75,7 +80,7 @@ def test_parity_blocks_max_is_mlx_max_pooling_bit_for_bit():
 
 
 def test_odd_sizes_are_the_two_mlx_layers():
-    ours, reference = ConvPool(3, 5), ConvThenMaxPool(3, 5, 3, padding=1)
+    ours, reference = ConvPool(3, 5, cpu_ops=True), ConvThenMaxPool(3, 5, 3, padding=1)
     reference.update(ours.parameters())
     x = mx.random.normal((2, 7, 9, 3))
     assert ours(x).shape == (2, 3, 4, 5) and mx.array_equal(ours(x), reference(x))
@@ -83,7 +88,10 @@ def test_odd_sizes_are_the_two_mlx_layers():
 
 @pytest.mark.parametrize("in_channels", [8, WINOGRAD_MIN_CHANNELS])  # unfolded, Winograd's
 def test_compiled_equals_eager_bit_for_bit(in_channels):
-    layer, x = ConvPool(in_channels, 16), images_with_blank_areas((4, 10, 6, in_channels))
+    layer, x = ConvPool(in_channels, 16, cpu_ops=True), images_with_blank_areas((4, 10, 6, in_channels))
     cotangent = mx.random.normal((4, 5, 3, 16))
-    eager, compiled = forward_and_gradients(layer)(x, cotangent), forward_and_gradients(layer, compiled=True)(x, cotangent)
+    eager, compiled = (
+        forward_and_gradients(layer)(x, cotangent),
+        forward_and_gradients(layer, compiled=True)(x, cotangent),
+    )
     assert all(mx.array_equal(a, b) for a, b in zip(eager, compiled))

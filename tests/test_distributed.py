@@ -17,8 +17,10 @@ from tests.test_mnist import losses, write_small_mnist
 
 REPO = Path(__file__).parents[1]
 LAUNCH = Path(sys.executable).with_name("mlx.launch")
-needs_launcher = pytest.mark.skipif(not mx.distributed.is_available() or not LAUNCH.exists(),
-                                reason=f"needs MLX's distributed support and its launcher ({LAUNCH})")
+needs_launcher = pytest.mark.skipif(
+    not mx.distributed.is_available() or not LAUNCH.exists(),
+    reason=f"needs MLX's distributed support and its launcher ({LAUNCH})",
+)
 
 
 def train_args(task, tmp_path):
@@ -27,8 +29,17 @@ def train_args(task, tmp_path):
         write_small_mnist(tmp_path)
         return ["--data-dir", str(tmp_path), "--batch-size", "32", "--epochs", "2", "--log-every", "1"]
     (tmp_path / "corpus.txt").write_text(make_text())
-    return [*TINY_MODEL, "--dataset", str(tmp_path / "corpus.txt"), "--cache-dir", str(tmp_path / "cache"),
-            "--steps", "12", "--log-every", "1"]
+    return [
+        *TINY_MODEL,
+        "--dataset",
+        str(tmp_path / "corpus.txt"),
+        "--cache-dir",
+        str(tmp_path / "cache"),
+        "--steps",
+        "12",
+        "--log-every",
+        "1",
+    ]
 
 
 def launch(tmp_path, name, *args, processes=2, log=None):
@@ -36,10 +47,24 @@ def launch(tmp_path, name, *args, processes=2, log=None):
     out = tmp_path / name
     out.mkdir()
     log = log or out / "log.jsonl"
-    command = [str(LAUNCH), "-n", str(processes), "--backend", "ring", "--", sys.executable,
-               str(REPO / "tests" / "distributed_worker.py"), str(out), *args, "--log-file", str(log)]
-    # mlx.launch leaves its host and port files in TMPDIR, which jit.py pointed at the kernel cache.
-    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300, env=os.environ | {"TMPDIR": str(out)})
+    command = [
+        str(LAUNCH),
+        "-n",
+        str(processes),
+        "--backend",
+        "ring",
+        "--",
+        sys.executable,
+        str(REPO / "tests" / "distributed_worker.py"),
+        str(out),
+        *args,
+        "--log-file",
+        str(log),
+    ]
+    # mlx.launch leaves its host and port files in TMPDIR, which cpu_tuning.enable() points at the kernel cache.
+    done = subprocess.run(
+        command, cwd=REPO, capture_output=True, text=True, timeout=300, env=os.environ | {"TMPDIR": str(out)}
+    )
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     records = [json.loads(line) for line in log.read_text().splitlines()]
     return records, [mx.load(str(out / f"rank{r}.safetensors")) for r in range(processes)], done
@@ -54,7 +79,7 @@ def test_shards_are_disjoint_cover_the_batch_and_scale_to_its_mean():
     # mean over processes of (shard sum * world / n) is the global mean
     per_process = [np.array(targets).sum() * scale.item() for _, targets, scale in shards]
     assert np.isclose(np.mean(per_process), labels.mean())
-    (inputs, targets, scale), = [train.shard((images, labels), 0, 1)]
+    ((inputs, targets, scale),) = [train.shard((images, labels), 0, 1)]
     assert np.array_equal(np.array(inputs), images) and np.array_equal(np.array(targets), labels)
     assert scale.item() == np.float32(1 / 7)
 

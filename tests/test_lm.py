@@ -12,21 +12,45 @@ import mlx.nn as nn
 import numpy as np
 import pytest
 
+import tasks
 import train
 from data import DataError, text
-from models.transformer import ClassSoftmax, causal_attention, softmax_cross_entropy
+from models.cpu_ops import causal_attention, softmax_cross_entropy
+from models.transformer import ClassSoftmax
 
 SHARED_DATA = Path(os.environ.get("MLX_ADAGRAD_DATA", Path(__file__).parents[2] / "shared" / "data"))
-TINY_MODEL = ["--task", "lm", "--dim", "32", "--layers", "1", "--heads", "2", "--context", "16",
-              "--dropout", "0.1", "--batch-size", "8", "--vocab-size", "300"]  # dropout: its RNG in the compiled step
+TINY_MODEL = [
+    "--task",
+    "lm",
+    "--dim",
+    "32",
+    "--layers",
+    "1",
+    "--heads",
+    "2",
+    "--context",
+    "16",
+    "--dropout",
+    "0.1",
+    "--batch-size",
+    "8",
+    "--vocab-size",
+    "300",
+]  # dropout: its RNG in the compiled step
 
 
 def make_text(seed=0, lines=600):
     """Sentences from a small grammar: learnable, with repeated words for BPE to merge."""
     rng = np.random.default_rng(seed)
-    subjects, verbs, objects = ["the cat", "a dog", "my king", "thy lord"], ["sees", "loves", "fears"], ["the moon", "a rose", "gold"]
-    return "".join(f"{rng.choice(subjects)} {rng.choice(verbs)} {rng.choice(objects)}{rng.choice(['.', '!', ' ,'])}\n"
-                   for _ in range(lines))
+    subjects, verbs, objects = (
+        ["the cat", "a dog", "my king", "thy lord"],
+        ["sees", "loves", "fears"],
+        ["the moon", "a rose", "gold"],
+    )
+    return "".join(
+        f"{rng.choice(subjects)} {rng.choice(verbs)} {rng.choice(objects)}{rng.choice(['.', '!', ' ,'])}\n"
+        for _ in range(lines)
+    )
 
 
 @pytest.fixture
@@ -92,28 +116,36 @@ def test_word_tokenizer_keeps_every_word_and_ptb_unk(tmp_path):
     train_text = ptb_like()
     sp = text.tokenizer(train_text, None, "word", tmp_path)
     assert all(sp.piece_to_id("\u2581" + word) != sp.unk_id() for word in set(train_text.split()))
-    assert [sp.id_to_piece(i) for i in sp.encode(" the cat <unk> \n")] == ["\u2581the", "\u2581cat", "\u2581<unk>", "\u2581\n"]
+    assert [sp.id_to_piece(i) for i in sp.encode(" the cat <unk> \n")] == [
+        "\u2581the",
+        "\u2581cat",
+        "\u2581<unk>",
+        "\u2581\n",
+    ]
     for sample in [train_text, " an unseen wörd \n"]:  # unseen words fall back to bytes
         assert text.decode(sp, sp.encode(sample)) == sample
 
 
 def test_ptb_defaults_to_words_and_a_class_softmax_and_other_text_to_bpe():
-    for argv, tokenizer, vocab, softmax in [(["--dataset", "ptb"], "word", None, "class"), ([], "bpe", 1024, "full"),
-                                            (["--dataset", "ptb", "--tokenizer", "bpe"], "bpe", 1024, "full"),
-                                            (["--dataset", "ptb", "--softmax", "full"], "word", None, "full")]:
+    for argv, tokenizer, vocab, softmax in [
+        (["--dataset", "ptb"], "word", None, "class"),
+        ([], "bpe", 1024, "full"),
+        (["--dataset", "ptb", "--tokenizer", "bpe"], "bpe", 1024, "full"),
+        (["--dataset", "ptb", "--softmax", "full"], "word", None, "full"),
+    ]:
         args = train.build_parser().parse_args(["--task", "lm", *argv])
-        train.check_args(args)
+        args = train.with_defaults(args)
         assert (args.tokenizer, args.vocab_size, args.softmax) == (tokenizer, vocab, softmax)
 
 
 def test_each_dataset_has_its_recipe_and_flags_override_it():
     for dataset in ["tinyshakespeare", "ptb", "some.txt"]:
         args = train.build_parser().parse_args(["--task", "lm", "--dataset", dataset])
-        train.check_args(args)
-        recipe = train.LM_RECIPES.get(dataset, train.LM_RECIPES["other"])
+        args = train.with_defaults(args)
+        recipe = train.RECIPES["dataset"].get(dataset, train.RECIPES["dataset"]["other"])
         assert (args.epochs, args.layers) == (recipe["epochs"], recipe["layers"])
     args = train.build_parser().parse_args(["--task", "lm", "--dataset", "ptb", "--layers", "2", "--epochs", "9"])
-    train.check_args(args)
+    args = train.with_defaults(args)
     assert (args.epochs, args.layers) == (9, 2)
 
 
@@ -133,7 +165,9 @@ def test_windows_are_seeded_shifted_and_resumable():
     np.testing.assert_array_equal(np.stack([b[0] for b in windows.epoch(2, start_batch=3)]), np.stack(first[3:]))
 
 
-@pytest.mark.parametrize("length", [150, 161, 10])  # windows that end flush; a last one that overlaps more; one short window
+@pytest.mark.parametrize(
+    "length", [150, 161, 10]
+)  # windows that end flush; a last one that overlaps more; one short window
 def test_eval_windows_score_every_token_once_with_half_a_context_before_it(length):
     tokens = np.arange(length, dtype=np.int32)
     batches = list(text.eval_windows(tokens, 16, batch_size=4))
@@ -160,8 +194,11 @@ def test_softmax_cross_entropy_matches_mlx_loss_and_its_gradient():
         return (nn.losses.cross_entropy(z, targets, reduction="none") * weights).sum()
 
     # Same math in another order (exps / total against exp(z - logsumexp)): float32 rounding apart.
-    np.testing.assert_allclose(np.array(softmax_cross_entropy(logits, targets)),
-                               np.array(nn.losses.cross_entropy(logits, targets, reduction="none")), rtol=1e-6)
+    np.testing.assert_allclose(
+        np.array(softmax_cross_entropy(logits, targets)),
+        np.array(nn.losses.cross_entropy(logits, targets, reduction="none")),
+        rtol=1e-6,
+    )
     grad, ref_grad = mx.grad(ours)(logits), mx.grad(reference)(logits)
     np.testing.assert_allclose(np.array(grad), np.array(ref_grad), atol=1e-7)
     assert np.abs(np.array(grad)).max() > 0.1
@@ -211,15 +248,20 @@ def test_class_softmax_is_a_distribution_and_its_loss_and_gradient_match_it(voca
         return -(mx.take_along_axis(layer(h, words), targets[..., None], -1)[..., 0] * weights).sum()
 
     # Same sums in another order and grouping (the sorted path, gather_mm): float32 rounding apart.
-    np.testing.assert_allclose(np.array(layer.nll(h, targets, words)),
-                               np.array(-mx.take_along_axis(log_probs, targets[..., None], -1)[..., 0]), rtol=1e-5)
+    np.testing.assert_allclose(
+        np.array(layer.nll(h, targets, words)),
+        np.array(-mx.take_along_axis(log_probs, targets[..., None], -1)[..., 0]),
+        rtol=1e-5,
+    )
     grads = mx.grad(loss, argnums=[0, 1])(h, words, layer)
     dense = mx.grad(dense_loss, argnums=[0, 1])(h, words, layer)
     for ours, reference in zip(grads, dense):  # sums over 120 tokens of terms up to ~1: float32 rounding
         np.testing.assert_allclose(np.array(ours), np.array(reference), rtol=1e-5, atol=1e-6)
         assert np.abs(np.array(ours)).max() > 0.1
     class_grad = nn.value_and_grad(layer, lambda layer: loss(h, words, layer))(layer)[1]["classes"]["weight"]
-    dense_class_grad = nn.value_and_grad(layer, lambda layer: dense_loss(h, words, layer))(layer)[1]["classes"]["weight"]
+    dense_class_grad = nn.value_and_grad(layer, lambda layer: dense_loss(h, words, layer))(layer)[1]["classes"][
+        "weight"
+    ]
     np.testing.assert_allclose(np.array(class_grad), np.array(dense_class_grad), rtol=1e-5, atol=1e-6)
 
 
@@ -229,11 +271,12 @@ def test_by_frequency_and_the_sampled_text_go_through_the_renumbered_vocabulary(
     ptb.mkdir()
     for split in ("train", "valid", "test"):
         (ptb / f"ptb.{split}.txt").write_text(ptb_like(seed=len(split)))
-    args = train.build_parser().parse_args([*TINY_MODEL[:-2], "--dataset", "ptb", "--data-dir", str(tmp_path),
-                                            "--cache-dir", str(tmp_path / "cache")])
-    train.check_args(args)
+    args = train.build_parser().parse_args(
+        [*TINY_MODEL[:-2], "--dataset", "ptb", "--data-dir", str(tmp_path), "--cache-dir", str(tmp_path / "cache")]
+    )
+    args = train.with_defaults(args)
     assert args.softmax == "class"  # the default for a word vocabulary
-    task = train.setup_lm(args)
+    task = tasks.setup_lm(args, cpu_ops=True)
     assert np.all(np.diff(np.bincount(task.batches.tokens)) <= 0)  # the model sees ids numbered by frequency
     counts = {}
     for word in (ptb / "ptb.train.txt").read_text().replace("\n", " \n ").split(" "):
@@ -242,7 +285,9 @@ def test_by_frequency_and_the_sampled_text_go_through_the_renumbered_vocabulary(
 
     class SecondMostFrequent(nn.Module):  # certain of the token numbered 1: the second most frequent word
         def __call__(self, tokens):
-            return mx.where(mx.arange(task.model.embedding.weight.shape[0]) == 1, 0.0, -1e9) + mx.zeros((*tokens.shape, 1))
+            return mx.where(mx.arange(task.model.embedding.weight.shape[0]) == 1, 0.0, -1e9) + mx.zeros(
+                (*tokens.shape, 1)
+            )
 
     assert task.sample(SecondMostFrequent(), 3, 1.0) == f" {second}" * 3
 
@@ -253,10 +298,21 @@ def test_metrics_by_hand_on_a_uniform_model(tmp_path):
     ptb.mkdir()
     for split in ("train", "valid", "test"):
         (ptb / f"ptb.{split}.txt").write_text(make_text(seed=len(split)).replace(",", "<unk>"))
-    args = train.build_parser().parse_args([*TINY_MODEL, "--dataset", "ptb", "--tokenizer", "bpe", "--data-dir",
-                                            str(tmp_path), "--cache-dir", str(tmp_path / "cache")])
-    train.check_args(args)
-    task = train.setup_lm(args)
+    args = train.build_parser().parse_args(
+        [
+            *TINY_MODEL,
+            "--dataset",
+            "ptb",
+            "--tokenizer",
+            "bpe",
+            "--data-dir",
+            str(tmp_path),
+            "--cache-dir",
+            str(tmp_path / "cache"),
+        ]
+    )
+    args = train.with_defaults(args)
+    task = tasks.setup_lm(args, cpu_ops=True)
     vocab = task.model.embedding.weight.shape[0]
 
     class Uniform(nn.Module):
@@ -280,10 +336,19 @@ def test_word_level_ptb_perplexity_is_the_exponential_of_the_token_loss(tmp_path
     for split in ("train", "valid", "test"):
         (tmp_path / "ptb").mkdir(exist_ok=True)
         (tmp_path / "ptb" / f"ptb.{split}.txt").write_text(ptb_like(seed=len(split)))
-    args = train.build_parser().parse_args([*TINY_MODEL[:-2], "--dataset", "ptb", "--data-dir", str(tmp_path),  # [:-2]: no --vocab-size
-                                            "--cache-dir", str(tmp_path / "cache")])
-    train.check_args(args)
-    task = train.setup_lm(args)
+    args = train.build_parser().parse_args(
+        [
+            *TINY_MODEL[:-2],
+            "--dataset",
+            "ptb",
+            "--data-dir",
+            str(tmp_path),  # [:-2]: no --vocab-size
+            "--cache-dir",
+            str(tmp_path / "cache"),
+        ]
+    )
+    args = train.with_defaults(args)
+    task = tasks.setup_lm(args, cpu_ops=True)
     metrics, _ = task.evaluate(task.model, final=True)
     for split in ("val", "test"):
         assert metrics[f"{split}_word_ppl"] == pytest.approx(math.exp(metrics[f"{split}_loss"]), rel=1e-12)
@@ -296,7 +361,7 @@ def test_word_level_ptb_perplexity_is_the_exponential_of_the_token_loss(tmp_path
 def test_a_few_steps_lower_the_loss_and_sample(tmp_path, corpus, capsys):
     records = run_lm(tmp_path, "--dataset", str(corpus), "--steps", "40", "--lr", "0.05", "--sample", "30")
     steps = losses(records)
-    assert np.mean([l for _, l in steps[-5:]]) < np.mean([l for _, l in steps[:5]]) - 0.5
+    assert np.mean([loss for _, loss in steps[-5:]]) < np.mean([loss for _, loss in steps[:5]]) - 0.5
     assert "val_nats_per_char" in records[-1]
     sample = capsys.readouterr().out.strip().splitlines()
     assert sample  # the generated text is printed last
@@ -324,8 +389,21 @@ def test_checkpoint_with_another_output_layer_is_refused(tmp_path, corpus, capsy
     ckpt = str(tmp_path / "ckpt")
     run_lm(tmp_path, "--dataset", str(corpus), "--steps", "2", "--checkpoint-dir", ckpt)
     capsys.readouterr()  # the run's own output
-    error = one_line_error(capsys, [*TINY_MODEL, "--cache-dir", str(tmp_path / "cache"), "--dataset", str(corpus),
-                                    "--softmax", "class", "--checkpoint-dir", ckpt, "--resume"])
+    error = one_line_error(
+        capsys,
+        [
+            *TINY_MODEL,
+            "--cache-dir",
+            str(tmp_path / "cache"),
+            "--dataset",
+            str(corpus),
+            "--softmax",
+            "class",
+            "--checkpoint-dir",
+            ckpt,
+            "--resume",
+        ],
+    )
     assert "another run configuration" in error and "softmax='full' (now 'class')" in error
 
 
@@ -373,15 +451,38 @@ def test_wikitext2_hub_records_become_splits():
 
     lines = {"train": [" = Title = \n", " Some text .\n"], "validation": [" Valid .\n"], "test": ["", " Test .\n"]}
     loaded = datasets.DatasetDict({k: datasets.Dataset.from_dict({"text": v}) for k, v in lines.items()})
-    assert text.splits_from_hub(loaded) == {"train": " = Title = \n Some text .\n", "valid": " Valid .\n", "test": " Test .\n"}
+    assert text.splits_from_hub(loaded) == {
+        "train": " = Title = \n Some text .\n",
+        "valid": " Valid .\n",
+        "test": " Test .\n",
+    }
 
 
 @pytest.mark.parametrize("dataset", ["tinyshakespeare", "ptb"])
 def test_real_text_short_run(tmp_path, dataset):
     if not (SHARED_DATA / dataset).is_dir():
-        pytest.skip(f"real {dataset} not found at {SHARED_DATA / dataset} (set MLX_ADAGRAD_DATA to the shared data folder)")
-    records = run_lm(tmp_path, "--dataset", dataset, "--data-dir", str(SHARED_DATA), "--vocab-size", "512",
-                     "--dim", "64", "--context", "32", "--batch-size", "16", "--steps", "60", "--lr", "0.05")
+        pytest.skip(
+            f"real {dataset} not found at {SHARED_DATA / dataset} (set MLX_ADAGRAD_DATA to the shared data folder)"
+        )
+    records = run_lm(
+        tmp_path,
+        "--dataset",
+        dataset,
+        "--data-dir",
+        str(SHARED_DATA),
+        "--vocab-size",
+        "512",
+        "--dim",
+        "64",
+        "--context",
+        "32",
+        "--batch-size",
+        "16",
+        "--steps",
+        "60",
+        "--lr",
+        "0.05",
+    )
     final = records[-1]
     # A uniform guess over 512 tokens costs log(512) = 6.24 nats a token; 60 small steps already
     # learn the unigram statistics, which takes the loss well below that.

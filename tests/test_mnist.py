@@ -25,10 +25,14 @@ SHARED_DATA = Path(os.environ.get("MLX_ADAGRAD_DATA", Path(__file__).parents[2] 
 
 
 def write_idx(path, magic, array, truncate=0):
-    raw = magic.to_bytes(4, "big") + b"".join(int(n).to_bytes(4, "big") for n in array.shape) + array.astype(np.uint8).tobytes()
+    raw = (
+        magic.to_bytes(4, "big")
+        + b"".join(int(n).to_bytes(4, "big") for n in array.shape)
+        + array.astype(np.uint8).tobytes()
+    )
     data = gzip.compress(raw)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(data[:len(data) - truncate] if truncate else data)
+    path.write_bytes(data[: len(data) - truncate] if truncate else data)
 
 
 def write_small_mnist(root, n_train=250, n_test=100, seed=0):
@@ -59,8 +63,16 @@ def test_reads_valid_files(tmp_path):
     [
         (lambda p: write_idx(p, 1234, np.zeros((250, 28, 28))), "magic number 1234"),
         (lambda p: write_idx(p, mnist.IMAGE_MAGIC, np.zeros((250, 28, 28)), truncate=100), "not a complete gzip"),
-        (lambda p: p.write_bytes(gzip.compress(mnist.IMAGE_MAGIC.to_bytes(4, "big") + b"".join(
-            n.to_bytes(4, "big") for n in (250, 28, 28)) + bytes(1000))), "header says"),
+        (
+            lambda p: p.write_bytes(
+                gzip.compress(
+                    mnist.IMAGE_MAGIC.to_bytes(4, "big")
+                    + b"".join(n.to_bytes(4, "big") for n in (250, 28, 28))
+                    + bytes(1000)
+                )
+            ),
+            "header says",
+        ),
         (lambda p: write_idx(p, mnist.IMAGE_MAGIC, np.zeros((249, 28, 28))), "249 images but"),
         (lambda p: write_idx(p, mnist.IMAGE_MAGIC, np.zeros((250, 32, 32))), "32x32 images"),
         (lambda p: p.write_bytes(b"not gzip at all"), "not a complete gzip"),
@@ -125,7 +137,7 @@ def test_data_pipeline_order_is_the_seeded_permutation(tmp_path):
     labels = np.concatenate([y for _, y in batches.epoch(1)])
     np.testing.assert_array_equal(labels, data["train_labels"][mnist.epoch_order(250, 3, 1)])
     resumed = np.concatenate([y for _, y in batches.epoch(1, start_batch=5)])
-    np.testing.assert_array_equal(resumed, labels[5 * 32:])
+    np.testing.assert_array_equal(resumed, labels[5 * 32 :])
     assert [len(y) for _, y in batches.epoch(0)][-1] == 250 - 7 * 32  # the last batch is partial
 
 
@@ -136,7 +148,7 @@ def test_random_shift_translates_each_image_with_zero_fill():
     mx.random.seed(5)
     offsets = np.array(mx.random.randint(0, 5, (2, 64))) - 2  # the draw random_shift makes
     for image, out, (dy, dx) in zip(images[..., 0], shifted[..., 0], offsets.T):
-        expected = np.pad(image, 2)[2 + dy:2 + dy + 28, 2 + dx:2 + dx + 28]  # out[i, j] = image[i + dy, j + dx]
+        expected = np.pad(image, 2)[2 + dy : 2 + dy + 28, 2 + dx : 2 + dx + 28]  # out[i, j] = image[i + dy, j + dx]
         np.testing.assert_array_equal(out, expected)
     assert len({tuple(o) for o in offsets.T}) > 10  # the shifts differ between images
     np.testing.assert_array_equal(np.array(mnist.random_shift(mx.array(images), max_shift=0)), images)
@@ -161,8 +173,21 @@ def test_cnn_pools_before_relu_with_the_same_gradients():
 
 def run_train(tmp_path, *args, name="run"):
     log = tmp_path / f"{name}.jsonl"
-    train.main(["--data-dir", str(tmp_path), "--batch-size", "32", "--epochs", "2", "--log-every", "1",
-                "--log-file", str(log), *args])
+    train.main(
+        [
+            "--data-dir",
+            str(tmp_path),
+            "--batch-size",
+            "32",
+            "--epochs",
+            "2",
+            "--log-every",
+            "1",
+            "--log-file",
+            str(log),
+            *args,
+        ]
+    )
     return [json.loads(line) for line in log.read_text().splitlines()]
 
 
@@ -201,7 +226,7 @@ def test_resume_mid_epoch_equals_uninterrupted(tmp_path):
     first = run_train(tmp_path, *common, "--steps", "5", "--checkpoint-dir", ckpt, name="part")
     assert json.loads((tmp_path / "ckpt" / "checkpoint.json").read_text())["batch"] == 5
     second = run_train(tmp_path, *common, "--checkpoint-dir", ckpt, "--resume", name="part")
-    assert first == second[:len(first)]  # the log is appended to, not rewritten
+    assert first == second[: len(first)]  # the log is appended to, not rewritten
     assert losses(second) == losses(whole)
     assert evaluations(second)[-1] == evaluations(whole)[-1]
 
@@ -232,11 +257,35 @@ def test_bfs_width_changes_the_order_of_work_not_the_results(tmp_path):
     write_small_mnist(tmp_path)
     runs = {}
     for width in ("20", None):  # MLX's default, then train.py's
-        env = {k: v for k, v in os.environ.items() if k != "MLX_BFS_MAX_WIDTH"} | ({"MLX_BFS_MAX_WIDTH": width} if width else {})
+        env = {k: v for k, v in os.environ.items() if k != "MLX_BFS_MAX_WIDTH"} | (
+            {"MLX_BFS_MAX_WIDTH": width} if width else {}
+        )
         log = tmp_path / f"width_{width}.jsonl"
-        subprocess.run([sys.executable, "train.py", "--data-dir", str(tmp_path), "--model", "cnn", "--batch-size", "32",
-                        "--streams", "2", "--steps", "6", "--log-every", "1", "--log-file", str(log)],
-                       cwd=Path(__file__).parents[1], env=env, capture_output=True, text=True, check=True)
+        subprocess.run(
+            [
+                sys.executable,
+                "train.py",
+                "--data-dir",
+                str(tmp_path),
+                "--model",
+                "cnn",
+                "--batch-size",
+                "32",
+                "--streams",
+                "2",
+                "--steps",
+                "6",
+                "--log-every",
+                "1",
+                "--log-file",
+                str(log),
+            ],
+            cwd=Path(__file__).parents[1],
+            env=env,
+            capture_output=True,
+            text=True,
+            check=True,
+        )
         runs[width] = [json.loads(line) for line in log.read_text().splitlines()]
     assert losses(runs["20"]) == losses(runs[None]) and len(losses(runs[None])) == 6
 
@@ -273,7 +322,9 @@ def test_diverging_run_stops_and_keeps_last_good_checkpoint(tmp_path, capsys):
     write_small_mnist(tmp_path)
     ckpt = tmp_path / "ckpt"
     with pytest.raises(SystemExit) as exit_:
-        run_train(tmp_path, "--optimizer", "sgd", "--lr", "1e4", "--checkpoint-dir", str(ckpt), "--checkpoint-every", "1")
+        run_train(
+            tmp_path, "--optimizer", "sgd", "--lr", "1e4", "--checkpoint-dir", str(ckpt), "--checkpoint-every", "1"
+        )
     assert exit_.value.code == 2
     error = capsys.readouterr().err.strip().splitlines()[-1]
     assert "training diverged" in error
@@ -310,8 +361,10 @@ def test_bad_command_lines_give_one_line_errors(tmp_path, capsys, monkeypatch, a
     assert __import__("re").search(message, err[0])
 
 
-@pytest.mark.skipif(not (SHARED_DATA / "mnist").is_dir(),
-                    reason=f"real MNIST not found at {SHARED_DATA / 'mnist'} (set MLX_ADAGRAD_DATA to the shared data folder)")
+@pytest.mark.skipif(
+    not (SHARED_DATA / "mnist").is_dir(),
+    reason=f"real MNIST not found at {SHARED_DATA / 'mnist'} (set MLX_ADAGRAD_DATA to the shared data folder)",
+)
 def test_real_mnist_one_epoch(tmp_path, capsys):
     train.main(["--data-dir", str(SHARED_DATA), "--epochs", "1", "--log-file", str(tmp_path / "log.jsonl")])
     records = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]

@@ -14,7 +14,9 @@ SHARED_DATA = Path(os.environ.get("MLX_ADAGRAD_DATA", REPO.parent / "shared" / "
 
 
 def reproduce(capsys, log, steps, data_dir=None):
-    argv = ["--reproduce", str(log), "--reproduce-steps", str(steps)] + (["--data-dir", str(data_dir)] if data_dir else [])
+    argv = ["--reproduce", str(log), "--reproduce-steps", str(steps)] + (
+        ["--data-dir", str(data_dir)] if data_dir else []
+    )
     with pytest.raises(SystemExit) as exit_:
         train.main(argv)
     return exit_.value.code, capsys.readouterr().out.strip().splitlines()[-1]
@@ -23,8 +25,24 @@ def reproduce(capsys, log, steps, data_dir=None):
 def test_reproduces_a_recorded_run_and_catches_a_changed_value(tmp_path, capsys):
     write_small_mnist(tmp_path)
     log = tmp_path / "recorded.jsonl"
-    train.main(["--data-dir", str(tmp_path), "--batch-size", "32", "--epochs", "2", "--log-every", "2",
-                "--log-file", str(log), "--optimizer", "adamw", "--warmup", "3"])
+    train.main(
+        [
+            "--data-dir",
+            str(tmp_path),
+            "--batch-size",
+            "32",
+            "--epochs",
+            "2",
+            "--log-every",
+            "2",
+            "--log-file",
+            str(log),
+            "--optimizer",
+            "adamw",
+            "--warmup",
+            "3",
+        ]
+    )
     code, verdict = reproduce(capsys, log, 12, tmp_path)
     assert code == 0 and verdict.startswith("REPRODUCED: 12 logged values over 12 steps match, bit-exact"), verdict
 
@@ -32,7 +50,11 @@ def test_reproduces_a_recorded_run_and_catches_a_changed_value(tmp_path, capsys)
     records[3]["loss"] = records[3]["loss"] * (1 + 1e-7)  # one value off in its last bits
     log.write_text("".join(json.dumps(r) + "\n" for r in records))
     code, verdict = reproduce(capsys, log, 12, tmp_path)
-    assert code == 1 and verdict.startswith("MISMATCH: 1 of 12 values differ") and f"step {records[3]['step']} loss" in verdict
+    assert (
+        code == 1
+        and verdict.startswith("MISMATCH: 1 of 12 values differ")
+        and f"step {records[3]['step']} loss" in verdict
+    )
 
 
 def test_not_a_log_is_a_one_line_error(tmp_path, capsys):
@@ -43,11 +65,45 @@ def test_not_a_log_is_a_one_line_error(tmp_path, capsys):
     assert exit_.value.code == 2 and "is not a log written by train.py" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("run", ["mnist_mlp_adagrad.jsonl", "mnist_cnn_adagrad.jsonl", "lm_tinyshakespeare_adagrad.jsonl"])
+@pytest.mark.parametrize(
+    "run", ["mnist_mlp_adagrad.jsonl", "mnist_cnn_adagrad.jsonl", "lm_tinyshakespeare_adagrad.jsonl"]
+)
 def test_documented_curves_reproduce(capsys, run):
     """The check CI runs: the first steps of a README curve, rerun from its recorded command."""
     dataset = json.loads((REPO / "curves" / run).read_text().splitlines()[0])["config"]["dataset"]
     if not (SHARED_DATA / dataset).is_dir():
-        pytest.skip(f"real {dataset} not found at {SHARED_DATA / dataset} (set MLX_ADAGRAD_DATA to the shared data folder)")
+        pytest.skip(
+            f"real {dataset} not found at {SHARED_DATA / dataset} (set MLX_ADAGRAD_DATA to the shared data folder)"
+        )
     code, verdict = reproduce(capsys, REPO / "curves" / run, 20, SHARED_DATA)
     assert code == 0, verdict
+
+
+def test_a_run_from_another_device_is_compared_within_the_tolerance(tmp_path, capsys):
+    write_small_mnist(tmp_path)
+    log = tmp_path / "recorded.jsonl"
+    train.main(
+        ["--data-dir", str(tmp_path), "--batch-size", "32", "--steps", "6", "--log-every", "2", "--log-file", str(log)]
+    )
+    records = [json.loads(line) for line in log.read_text().splitlines()]
+    records[0]["device"] = "gpu"
+    log.write_text("".join(json.dumps(r) + "\n" for r in records))
+    code, verdict = reproduce(capsys, log, 6, tmp_path)
+    assert code == 0 and verdict.startswith("REPRODUCED: 6 logged values over 6 steps match, within rtol"), verdict
+
+
+def test_a_log_naming_an_unknown_model_is_refused_before_training(tmp_path, capsys):
+    write_small_mnist(tmp_path)
+    log = tmp_path / "recorded.jsonl"
+    train.main(
+        ["--data-dir", str(tmp_path), "--batch-size", "32", "--steps", "2", "--log-every", "1", "--log-file", str(log)]
+    )
+    records = [json.loads(line) for line in log.read_text().splitlines()]
+    records[0]["config"]["model"] = "resnet"
+    log.write_text("".join(json.dumps(r) + "\n" for r in records))
+    with pytest.raises(SystemExit) as exit_:
+        train.main(["--reproduce", str(log), "--data-dir", str(tmp_path)])
+    out, err = capsys.readouterr()
+    assert exit_.value.code == 2 and "reproducing" not in out
+    expected = f"{log} records --model 'resnet', not one of mlp, cnn, transformer: it is not a log of this program"
+    assert err.strip().splitlines()[-1] == f"train.py: error: {expected}"

@@ -44,8 +44,12 @@ def reference(kind, params, grads):
             else:  # dual averaging
                 st["G"] += g
                 st["v"] += g * g
-                w[k] = -np.sign(st["G"]) * LR * np.maximum(np.abs(st["G"]) - L1 * t, 0) / (
-                    np.sqrt(st["v"]) + EPS + LR * L2 * t)
+                w[k] = (
+                    -np.sign(st["G"])
+                    * LR
+                    * np.maximum(np.abs(st["G"]) - L1 * t, 0)
+                    / (np.sqrt(st["v"]) + EPS + LR * L2 * t)
+                )
     return w
 
 

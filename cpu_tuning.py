@@ -1,0 +1,203 @@
+"""Speed-ups for MLX on a Linux x86 CPU, switched on by one call: enable().
+
+Importing this module changes nothing. enable() does four things, and only for a step that runs on
+the CPU of a Linux machine (elsewhere, and with on=False, it does nothing and says why):
+
+1. BLAS. MLX's Linux wheel (mlx[cpu]) links the reference BLAS. When OpenBLAS is installed,
+   MLX's matmuls are bound to it instead, on one thread (two threads round sums in a varying
+   order, which breaks bit-exact seeds and resume). A library's symbols are bound when it is
+   loaded, so OpenBLAS must be in the process before mlx.core: if mlx.core is already imported,
+   enable() restarts the program once with OpenBLAS preloaded (os.execv, the same arguments).
+2. Kernel flags. mx.compile builds its fused CPU kernels with the first `g++` on PATH, for baseline
+   x86-64, in $TMPDIR/mlx/<version>/cpu. enable() puts first on PATH a `g++` that adds
+
+       -march=native         this CPU's vector units and FMA
+       -fno-math-errno       no errno from sqrt, so it vectorises
+       -fno-trapping-math    no floating-point traps to keep: the selects in exp become blends
+       -finline-limit=10000  exp inlined into the loop, so the loop vectorises
+       -ffp-contract=off     no multiply-adds the source did not write: every kernel rounds as
+                             before, and compiled still equals eager bit for bit
+
+   and points MLX's kernel cache (TMPDIR) at a folder of its own per CPU, compiler and flags.
+   Python's own temporary files stay where they were (tempfile.tempdir is fixed first).
+3. Graph width. MLX_BFS_MAX_WIDTH=1000 (unless set): mx.eval then queues both halves of a
+   --streams 2 step side by side instead of one behind the other. It changes the order of the
+   work, not its results.
+4. Buffer cache. mx.set_cache_limit(1 GiB): freed buffers are kept for reuse instead of going
+   back to the OS and being faulted in again every step.
+
+Switch all of it off with enable(on=False) (train.py --cpu-tuning off) or MLX_ADAGRAD_CPU_TUNING=off.
+"""
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+SWITCH = "MLX_ADAGRAD_CPU_TUNING"
+OPENBLAS = ["libopenblas.so.0", "libopenblas.so"]
+INSTALL_HINT = "apt-get install libopenblas0-pthread (Debian/Ubuntu) or dnf install openblas (Fedora)"
+FLAGS = "-march=native -fno-math-errno -fno-trapping-math -ffp-contract=off -finline-limit=10000"
+KERNEL_CACHE = Path.home() / ".cache" / "mlx-adagrad-kernels"
+GRAPH_WIDTH = "1000"
+CACHE_LIMIT = 1 << 30
+_PRELOADED = "_MLX_ADAGRAD_PRELOADED"  # set for the restarted process only; holds the LD_PRELOAD before it
+_openblas = None
+_report = None
+
+
+def default_on() -> bool:
+    return os.environ.get(SWITCH, "on").lower() not in ("off", "0", "false", "no")
+
+
+def enable(on: bool = True, device: str = "cpu", restart: bool = True) -> dict:
+    """Apply the CPU speed-ups for a step on `device` ("cpu" or "gpu"); return {what: how it is done}.
+
+    With restart=False a process that imported mlx.core first keeps MLX's BLAS (and says so).
+    """
+    global _report
+    if _report is not None:
+        return _report
+    if not on:
+        reason = f"off ({SWITCH}=off or --cpu-tuning off)"
+        return {"blas": reason if platform.system() == "Linux" else _platform_blas(), "kernels": reason}
+    if device != "cpu":
+        reason = f"off: the step runs on the {device}"
+        return {"blas": reason, "kernels": reason}
+    if platform.system() != "Linux":
+        _report = {"blas": _platform_blas(), "kernels": f"MLX's own ({platform.system()})"}
+        return _report
+    blas = _load_openblas(restart)
+    kernels = _native_kernels()
+    os.environ.setdefault("MLX_BFS_MAX_WIDTH", GRAPH_WIDTH)
+    import mlx.core as mx
+
+    mx.set_cache_limit(CACHE_LIMIT)
+    _report = {"blas": blas, "kernels": kernels}
+    return _report
+
+
+def _platform_blas() -> str:
+    return "Accelerate (macOS)" if platform.system() == "Darwin" else "MLX's own BLAS"
+
+
+def _load_openblas(restart: bool) -> str:
+    global _openblas
+    if _PRELOADED in os.environ:  # this is the restarted process: OpenBLAS came first
+        previous = os.environ.pop(_PRELOADED)
+        os.environ.pop("LD_PRELOAD")
+        if previous:
+            os.environ["LD_PRELOAD"] = previous
+    elif "mlx.core" in sys.modules:
+        name = _find_openblas()
+        if name is None:
+            return f"reference BLAS (slow; for 10-25x faster training: {INSTALL_HINT})"
+        if not restart:
+            return "reference BLAS (mlx.core was imported before OpenBLAS could be loaded)"
+        sys.stdout.flush()
+        sys.stderr.flush()
+        previous = os.environ.get("LD_PRELOAD", "")
+        env = {**os.environ, _PRELOADED: previous, "LD_PRELOAD": f"{previous} {name}".strip()}
+        os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)
+    for name in OPENBLAS:
+        try:
+            _openblas = ctypes.CDLL(name, mode=ctypes.RTLD_GLOBAL)
+            break
+        except OSError:
+            continue
+    else:
+        return f"reference BLAS (slow; for 10-25x faster training: {INSTALL_HINT})"
+    _openblas.openblas_get_config.restype = ctypes.c_char_p
+    _openblas.openblas_get_corename.restype = ctypes.c_char_p
+    set_blas_threads(1)
+    version = " ".join(_openblas.openblas_get_config().decode().split()[:2])
+    return f"{version} {_openblas.openblas_get_corename().decode()} kernels ({name})"
+
+
+def _find_openblas():
+    """The name of an installed OpenBLAS the dynamic loader finds, or None."""
+    for name in OPENBLAS:
+        try:
+            ctypes.CDLL(name)
+        except OSError:
+            continue
+        return name
+    return None
+
+
+def set_blas_threads(threads: int):
+    """OpenBLAS's thread count (no-op without OpenBLAS)."""
+    if _openblas is not None:
+        _openblas.openblas_set_num_threads(threads)
+
+
+def blas_threads() -> int:
+    return _openblas.openblas_get_num_threads() if _openblas is not None else 1
+
+
+def _native_kernels() -> str:
+    # The real g++, not a wrapper of ours that a parent process (mlx.launch, a test) put on PATH.
+    path = os.pathsep.join(
+        d for d in os.environ.get("PATH", "").split(os.pathsep) if not d.startswith(str(KERNEL_CACHE))
+    )
+    compiler = shutil.which("g++", path=path)
+    if compiler is None:
+        return "none: g++ not found, so mx.compile cannot build kernels (apt-get install g++)"
+    folder = KERNEL_CACHE / _build_id(compiler)
+    try:
+        _install_wrapper(folder, compiler)
+    except OSError as e:
+        return f"MLX's default flags ({e.strerror}, in {folder})"
+    tempfile.gettempdir()  # fixes Python's temporary folder before TMPDIR changes
+    os.environ["PATH"] = f"{folder}{os.pathsep}{os.environ.get('PATH', '')}"
+    os.environ["TMPDIR"] = str(folder / "tmp")
+    return f"g++ {FLAGS} (cache {folder})"
+
+
+def _cpu_info() -> list:
+    """The lines of /proc/cpuinfo that name the CPU's model and features, once each."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        info = f"model name: {platform.processor()}"
+    return sorted({line for line in info.splitlines() if line.startswith(("model name", "flags"))})
+
+
+def cpu_model() -> str:
+    """The CPU's model name, for run headers: 'AMD EPYC', 'Intel(R) Xeon(R) ...'."""
+    names = [line.split(":", 1)[1].strip() for line in _cpu_info() if line.startswith("model name")]
+    return names[0] if names else platform.machine()
+
+
+def _build_id(compiler: str) -> str:
+    """A short hash of the CPU's model and features (-march=native builds for exactly these), the
+    compiler and FLAGS: kernels built any other way live in another folder."""
+    return hashlib.sha256("\n".join([*_cpu_info(), compiler, FLAGS]).encode()).hexdigest()[:12]
+
+
+def _install_wrapper(folder: Path, compiler: str):
+    """Write folder/g++, a script that runs `compiler` with FLAGS, atomically; make folder/tmp.
+
+    Raises OSError if `compiler` rejects FLAGS (then MLX keeps its own)."""
+    (folder / "tmp").mkdir(parents=True, exist_ok=True)
+    wrapper = folder / "g++"
+    script = f'#!/bin/sh\nexec "{compiler}" {FLAGS} "$@"\n'
+    if wrapper.exists() and wrapper.read_text() == script:
+        return
+    check = subprocess.run(
+        [compiler, *FLAGS.split(), "-x", "c++", "-fsyntax-only", "-"],
+        input="int main() {}\n",
+        capture_output=True,
+        text=True,
+    )
+    if check.returncode != 0:
+        raise OSError(0, f"{compiler} rejects {FLAGS}: {(check.stderr.strip().splitlines() or ['no message'])[-1]}")
+    partial = folder / f".g++.{os.getpid()}.tmp"
+    partial.write_text(script)
+    partial.chmod(0o755)
+    os.replace(partial, wrapper)

@@ -1,0 +1,101 @@
+"""The two tasks train.py trains: each gives a model, training batches, a train-time augmentation,
+its loss per target (token_losses(model, inputs, targets)) and an evaluation."""
+
+import math
+from functools import partial
+from types import SimpleNamespace
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+
+from data import DataError, mnist, text
+from models.cnn import CNN
+from models.mlp import MLP
+from models.transformer import Transformer
+
+
+def setup_mnist(args, cpu_ops):
+    data = mnist.load(args.dataset, args.data_dir)
+    model = MLP(dropout=args.dropout) if args.model == "mlp" else CNN(dropout=args.dropout, cpu_ops=cpu_ops)
+
+    def evaluate(model, final=False):
+        total_loss, correct, n = 0.0, 0, len(data["test_labels"])
+        for i in range(0, n, 1000):
+            x, y = mx.array(data["test_images"][i : i + 1000]), mx.array(data["test_labels"][i : i + 1000])
+            logits = model(x)
+            loss, hits = nn.losses.cross_entropy(logits, y, reduction="sum"), (logits.argmax(axis=1) == y).sum()
+            total_loss, correct = total_loss + loss.item(), correct + hits.item()
+        metrics = {"test_loss": total_loss / n, "test_acc": correct / n}
+        return metrics, f"test loss {metrics['test_loss']:.4f}, test accuracy {100 * metrics['test_acc']:.2f}%"
+
+    return SimpleNamespace(
+        model=model,
+        evaluate=evaluate,
+        unit="samples",
+        per_batch=lambda batch: len(batch[1]),
+        batches=mnist.Batches(data["train_images"], data["train_labels"], args.batch_size, args.seed),
+        augment=partial(mnist.random_shift, max_shift=args.augment_shift),
+        token_losses=lambda model, x, y: nn.losses.cross_entropy(model(x), y, reduction="none"),
+    )
+
+
+def setup_lm(args, cpu_ops):
+    splits = text.load_splits(args.dataset, args.data_dir)
+    sp = text.tokenizer(splits["train"], args.vocab_size, args.tokenizer, args.cache_dir)
+    tokens = {split: text.encode(sp, t) for split, t in splits.items()}
+    sp_ids = np.arange(sp.vocab_size())  # sp_ids[the model's token id] = SentencePiece's id
+    if args.softmax == "class":  # its classes are runs of ids: renumber the vocabulary by training frequency
+        sp_ids = text.by_frequency(tokens["train"], sp.vocab_size())
+    model_ids = np.argsort(sp_ids).astype(np.int32)  # the inverse: model_ids[SentencePiece's id]
+    tokens = {split: model_ids[t] for split, t in tokens.items()}
+    if len(tokens["valid"]) < args.context + 1:
+        raise DataError(
+            f"--context {args.context} is longer than the validation split ({len(tokens['valid']) - 1} "
+            f"tokens): use a smaller --context"
+        )
+    model = Transformer(
+        sp.vocab_size(),
+        args.context,
+        args.layers,
+        args.dim,
+        args.heads,
+        args.dropout,
+        args.positions,
+        args.softmax,
+        cpu_ops,
+    )
+
+    def evaluate(model, final=False):
+        metrics = {}
+        for split in ["valid"] + (["test"] if final and "test" in splits else []):
+            nll = 0.0
+            for x, y, scored in text.eval_windows(tokens[split], args.context):
+                nll += np.array(model.nll(mx.array(x), mx.array(y)), np.float64)[scored].sum()  # float64: 10^5 tokens
+            prefix = "val" if split == "valid" else "test"
+            metrics[f"{prefix}_loss"] = nll / (len(tokens[split]) - 1)
+            metrics[f"{prefix}_nats_per_char"] = nll / len(splits[split])
+            if args.dataset == "ptb":
+                metrics[f"{prefix}_word_ppl"] = math.exp(nll / text.word_count(splits[split]))
+        summary = ", ".join(f"{k} {v:.4g}" for k, v in metrics.items())
+        return metrics, summary
+
+    def sample(model, count, temperature):
+        model.eval()
+        sampled, key = [int(model_ids[sp.bos_id()])], mx.random.key(args.seed)
+        for _ in range(count):
+            logits = model(mx.array([sampled[-args.context :]]))[0, -1]
+            key, subkey = mx.random.split(key)
+            sampled.append(mx.random.categorical(logits / temperature, key=subkey).item())
+        return text.decode(sp, sp_ids[sampled[1:]].tolist())
+
+    return SimpleNamespace(
+        model=model,
+        evaluate=evaluate,
+        unit="tokens",
+        per_batch=lambda batch: batch[1].size,
+        sample=sample,
+        batches=text.Windows(tokens["train"], args.batch_size, args.context, args.seed),
+        augment=lambda x: x,
+        token_losses=lambda model, x, y: model.nll(x, y),
+    )
