@@ -90,13 +90,13 @@ def _load_openblas(restart: bool) -> str:
     global _openblas
     if _PRELOADED in os.environ:  # this is the restarted process: OpenBLAS came first
         previous = os.environ.pop(_PRELOADED)
-        os.environ.pop("LD_PRELOAD")
+        os.environ.pop("LD_PRELOAD", None)
         if previous:
             os.environ["LD_PRELOAD"] = previous
     elif "mlx.core" in sys.modules:
         name = _find_openblas()
         if name is None:
-            return f"reference BLAS (slow; for 10-25x faster training: {INSTALL_HINT})"
+            return f"reference BLAS (slow; for much faster training: {INSTALL_HINT})"
         if not restart:
             return "reference BLAS (mlx.core was imported before OpenBLAS could be loaded)"
         sys.stdout.flush()
@@ -111,7 +111,7 @@ def _load_openblas(restart: bool) -> str:
         except OSError:
             continue
     else:
-        return f"reference BLAS (slow; for 10-25x faster training: {INSTALL_HINT})"
+        return f"reference BLAS (slow; for much faster training: {INSTALL_HINT})"
     _openblas.openblas_get_config.restype = ctypes.c_char_p
     _openblas.openblas_get_corename.restype = ctypes.c_char_p
     set_blas_threads(1)

@@ -97,158 +97,70 @@ def recipe_defaults(option):
     )
 
 
+# fmt: off
 def build_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    lrs = "; ".join(f"{name}: " + ", ".join(f"{k} {v:g}" for k, v in lr.items()) for name, lr in LEARNING_RATES.items())
     p.add_argument("--task", choices=["mnist", "lm"], default="mnist", help="what to train (default: mnist)")
-    p.add_argument(
-        "--dataset",
-        help="mnist: mnist | fashion-mnist; lm: tinyshakespeare | ptb | wikitext-2 | PATH to "
-        f"a .txt file or a folder of them (default: {recipe_defaults('dataset')})",
-    )
-    p.add_argument(
-        "--model",
-        choices=list(RECIPES["model"]),
-        help=f"mnist: mlp 784-512-512-10 | cnn; lm: transformer (default: {recipe_defaults('model')})",
-    )
-    p.add_argument(
-        "--optimizer",
-        choices=OPTIMIZERS,
-        default="adagrad",
-        help="adagrad = ours (adagrad.py); mlx-adagrad = mlx.optimizers.Adagrad; adagrad-da = dual "
-        "averaging (adagrad_da.py); sgd has momentum 0.9 (default: adagrad)",
-    )
-    p.add_argument(
-        "--lr",
-        type=float,
-        help="learning rate (default: "
-        + "; ".join(
-            f"{model}: " + ", ".join(f"{k} {v:g}" for k, v in lrs.items()) for model, lrs in LEARNING_RATES.items()
-        )
-        + ")",
-    )
-    p.add_argument("--eps", type=float, help="epsilon of adagrad/adam/adamw (default: the optimizer's, 1e-8)")
+    p.add_argument("--dataset", help="mnist | fashion-mnist; tinyshakespeare | ptb | wikitext-2 | PATH of a .txt "
+                   f"file or a folder of them (default: {recipe_defaults('dataset')})")
+    p.add_argument("--model", choices=list(RECIPES["model"]), help=f"default: {recipe_defaults('model')}")
+    p.add_argument("--optimizer", choices=OPTIMIZERS, default="adagrad", help="adagrad: adagrad.py; mlx-adagrad: "
+                   "mlx.optimizers.Adagrad; adagrad-da: adagrad_da.py; sgd: momentum 0.9 (default: adagrad)")
+    p.add_argument("--lr", type=float, help=f"learning rate (default: {lrs})")
+    p.add_argument("--eps", type=float, help="epsilon of adagrad, adam, adamw (default: the optimizer's, 1e-8)")
     p.add_argument("--initial-accumulator-value", type=float, default=0.0, help="adagrad: v starts here (default 0)")
-    p.add_argument("--lr-decay", type=float, default=0.0, help="adagrad: lr / (1 + (t-1) * lr_decay) (default 0)")
-    p.add_argument(
-        "--weight-decay", type=float, default=0.0, help="adagrad/sgd: L2 added to g; adamw: decoupled (default 0)"
-    )
-    p.add_argument(
-        "--l1",
-        type=float,
-        default=0.0,
-        help="adagrad: proximal L1; adagrad-da: L1 of dual averaging (default 0). Both give exact zeros",
-    )
-    p.add_argument("--l2", type=float, default=0.0, help="adagrad / adagrad-da: proximal L2 (default 0)")
-    p.add_argument(
-        "--rowwise-embeddings",
-        action="store_true",
-        help="adagrad: one accumulator per row of each nn.Embedding table (lm)",
-    )
-    p.add_argument(
-        "--schedule",
-        choices=["constant", "cosine"],
-        default="cosine",
-        help="learning-rate schedule over --epochs (default: cosine)",
-    )
+    p.add_argument("--lr-decay", type=float, default=0.0, help="adagrad: lr / (1 + (t-1) lr_decay) (default 0)")
+    p.add_argument("--weight-decay", type=float, default=0.0, help="adagrad, sgd: L2 on g; adamw: decoupled (0)")
+    p.add_argument("--l1", type=float, default=0.0, help="adagrad: proximal L1; adagrad-da: its L1 (default 0)")
+    p.add_argument("--l2", type=float, default=0.0, help="adagrad, adagrad-da: proximal L2 (default 0)")
+    p.add_argument("--rowwise-embeddings", action="store_true", help="adagrad: one accumulator per embedding row")
+    p.add_argument("--schedule", choices=["constant", "cosine"], default="cosine", help="over --epochs (cosine)")
     p.add_argument("--warmup", type=int, default=0, help="linear warmup steps (default 0)")
     p.add_argument("--batch-size", type=int, help=f"default: {recipe_defaults('batch_size')}")
-    p.add_argument(
-        "--epochs",
-        type=int,
-        help=f"default: {recipe_defaults('epochs')} (an lm epoch is about one pass over the training tokens)",
-    )
-    p.add_argument("--steps", type=int, help="stop after this many steps in all (the schedule still spans --epochs)")
+    p.add_argument("--epochs", type=int, help=f"default: {recipe_defaults('epochs')}; an lm epoch is ~1 pass")
+    p.add_argument("--steps", type=int, help="stop after this many steps in all (the schedule spans --epochs)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dropout", type=float, help=f"dropout probability (default: {recipe_defaults('dropout')})")
-    p.add_argument("--data-dir", type=Path, default=None, help="default: $MLX_ADAGRAD_DATA, else ~/.cache/mlx-adagrad")
-    p.add_argument("--log-file", type=Path, help="write JSONL: a header line, then step and evaluation lines")
-    p.add_argument("--log-every", type=int, default=10, help="log the mean training loss every N steps (default 10)")
-    p.add_argument(
-        "--checkpoint-dir", type=Path, help="save checkpoints here, every --checkpoint-every steps and at the end"
-    )
+    p.add_argument("--data-dir", type=Path, help="default: $MLX_ADAGRAD_DATA, else ~/.cache/mlx-adagrad")
+    p.add_argument("--log-file", type=Path, help="JSONL: a header line, then step and evaluation lines")
+    p.add_argument("--log-every", type=int, default=10, help="log the mean training loss every N steps (10)")
+    p.add_argument("--checkpoint-dir", type=Path, help="save checkpoints here, every --checkpoint-every steps and last")
     p.add_argument("--checkpoint-every", type=int, default=1000)
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --checkpoint-dir")
-    p.add_argument(
-        "--reproduce",
-        type=Path,
-        metavar="LOG",
-        help="rerun the run recorded in LOG (a --log-file) for "
-        "--reproduce-steps steps and compare every logged value; exits 1 on a mismatch",
-    )
-    p.add_argument(
-        "--reproduce-steps",
-        type=int,
-        default=reproduce.REPRODUCE_STEPS,
-        help=f"default {reproduce.REPRODUCE_STEPS}: on another device, platform or BLAS, rounding grows over the steps",
-    )
+    p.add_argument("--reproduce", type=Path, metavar="LOG", help="rerun the run LOG records for --reproduce-steps "
+                   "steps and compare every logged value; exit 1 on a mismatch")
+    p.add_argument("--reproduce-steps", type=int, default=reproduce.REPRODUCE_STEPS)
     device = p.add_argument_group("device")
-    device.add_argument("--device", choices=["cpu", "gpu"], help="where the step runs (default: MLX's default device)")
+    device.add_argument("--device", choices=["cpu", "gpu"], help="where the step runs (default: MLX's default)")
     device.add_argument("--no-compile", action="store_true", help="run the step eagerly (same bits, slower)")
-    device.add_argument(
-        "--stock-ops",
-        action="store_true",
-        help="on the CPU too, MLX's own attention, cross-entropy, "
-        "convolution and pooling (what a GPU runs) instead of models/cpu_ops.py and models/conv.py",
-    )
-    device.add_argument(
-        "--cpu-tuning",
-        choices=["on", "off"],
-        default="on" if cpu_tuning.default_on() else "off",
-        help="cpu_tuning.py: OpenBLAS, kernels built for this CPU, graph width, buffer cache; only "
-        "for a step on a Linux CPU (default: on, unless MLX_ADAGRAD_CPU_TUNING=off)",
-    )
-    device.add_argument(
-        "--blas-threads",
-        type=int,
-        default=1,
-        help="OpenBLAS threads (default 1; more train faster "
-        "but sum in a varying order, so runs differ in the last bits)",
-    )
-    device.add_argument(
-        "--streams",
-        type=int,
-        default=1,
-        help="CPU only: split each batch over N MLX CPU streams, "
-        "each a thread of its own (default 1; runs stay bit-reproducible, but differ from --streams 1 "
-        "in the last bits: the gradient is summed in another order)",
-    )
+    device.add_argument("--stock-ops", action="store_true", help="MLX's own attention, cross-entropy, conv and "
+                        "pooling on the CPU too, as on a GPU (not models/cpu_ops.py, models/conv.py)")
+    device.add_argument("--cpu-tuning", choices=["on", "off"], default="on" if cpu_tuning.default_on() else "off",
+                        help="cpu_tuning.py on a Linux CPU (default: on, unless MLX_ADAGRAD_CPU_TUNING=off)")
+    device.add_argument("--blas-threads", type=int, default=1, help="OpenBLAS threads (default 1; more vary the "
+                        "last bits from run to run)")
+    device.add_argument("--streams", type=int, default=1, help="CPU only: split each batch over N threads "
+                        "(default 1; reproducible, other last bits than 1)")
     mnist_options = p.add_argument_group("mnist")
-    mnist_options.add_argument(
-        "--augment-shift",
-        type=int,
-        help=f"shift training images by up to N pixels, 0: off (default: {recipe_defaults('augment_shift')})",
-    )
+    mnist_options.add_argument("--augment-shift", type=int, help="shift training images by up to N pixels "
+                               f"(default: {recipe_defaults('augment_shift')})")
     lm = p.add_argument_group("lm")
     lm.add_argument("--layers", type=int, help=f"transformer blocks (default: {recipe_defaults('layers')})")
     lm.add_argument("--dim", type=int, default=128, help="model width (default 128)")
     lm.add_argument("--heads", type=int, default=4, help="attention heads (default 4)")
     lm.add_argument("--context", type=int, default=64, help="tokens per training window (default 64)")
     lm.add_argument("--positions", choices=["rope", "learned"], default="rope")
-    lm.add_argument(
-        "--tokenizer",
-        choices=["bpe", "unigram", "word"],
-        help="SentencePiece model (default: word for ptb, a word-level corpus with a closed vocabulary; else bpe)",
-    )
-    lm.add_argument(
-        "--vocab-size",
-        type=int,
-        help="tokenizer vocabulary (default: bpe/unigram 1024; word: every word of the training text)",
-    )
-    lm.add_argument(
-        "--cache-dir",
-        type=Path,
-        default=Path.home() / ".cache" / "mlx-adagrad-tokenizers",
-        help="where trained tokenizers are kept",
-    )
-    lm.add_argument(
-        "--softmax",
-        choices=["full", "class"],
-        help="output layer: full scores every word; class factors p(word) = p(class) p(word | class) "
-        "over ~sqrt(vocab) classes (default: class with --tokenizer word, else full)",
-    )
+    lm.add_argument("--tokenizer", choices=["bpe", "unigram", "word"], help="default: word for ptb, else bpe")
+    lm.add_argument("--vocab-size", type=int, help="default: bpe, unigram 1024; word: every training word")
+    lm.add_argument("--cache-dir", type=Path, default=Path.home() / ".cache" / "mlx-adagrad-tokenizers",
+                    help="where trained tokenizers are kept")
+    lm.add_argument("--softmax", choices=["full", "class"], help="class: p(word) = p(class) p(word | class) "
+                    "(default: class with --tokenizer word, else full)")
     lm.add_argument("--sample", type=int, default=0, help="print N tokens sampled from the model at the end")
     lm.add_argument("--temperature", type=float, default=0.8)
     return p
+# fmt: on
 
 
 def fail(message):
@@ -284,34 +196,13 @@ def check(args):
         fail(f"--dataset {args.dataset} is not an image dataset: choose {', '.join(mnist.SHA256)} (or --task lm)")
     if (args.task == "lm") != (args.model == "transformer"):
         fail(f"--model {args.model} does not fit --task {args.task}: mnist takes mlp or cnn, lm takes transformer")
-    positive = [
-        "lr",
-        "batch_size",
-        "epochs",
-        "log_every",
-        "checkpoint_every",
-        "layers",
-        "dim",
-        "heads",
-        "context",
-        "temperature",
-        "blas_threads",
-        "streams",
-    ]
+    positive = "lr batch_size epochs log_every checkpoint_every layers dim heads context temperature".split()
+    positive += ["blas_threads", "streams"]
     positive += [name for name in ("steps", "eps") if getattr(args, name) is not None]
     for name in positive:
         if not getattr(args, name) > 0:
             fail(f"--{name.replace('_', '-')} must be > 0, got {getattr(args, name)}")
-    for name in [
-        "initial_accumulator_value",
-        "lr_decay",
-        "weight_decay",
-        "warmup",
-        "augment_shift",
-        "sample",
-        "l1",
-        "l2",
-    ]:
+    for name in "initial_accumulator_value lr_decay weight_decay warmup augment_shift sample l1 l2".split():
         if not getattr(args, name) >= 0:
             fail(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
     for name in ["initial_accumulator_value", "lr_decay", "rowwise_embeddings"]:

@@ -1,6 +1,6 @@
 """Time one Adagrad step on N float32 parameters against the memory-bandwidth floor.
 
-    python bench/optimizer_step.py [--sizes 1e5 1e6 1e7] [--repeats 30]
+    python bench/optimizer_step.py [--sizes 1e5 1e6 1e7] [--repeats 30] [--cpu-tuning on|off]
 
 An Adagrad step reads w, g, v and writes w, v: 20 bytes per parameter. The floor
 is 20 * N / bandwidth, with the bandwidth of one thread measured in this run by
@@ -88,8 +88,14 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", type=float, nargs="+", default=[1e5, 1e6, 1e7])
     parser.add_argument("--repeats", type=int, default=30)
+    parser.add_argument(
+        "--cpu-tuning",
+        choices=["on", "off"],
+        default="on",
+        help="on: as train.py runs (cpu_tuning.py); off: MLX as it comes, as in a project of yours",
+    )
     args = parser.parse_args()
-    kernels = cpu_tuning.enable()["kernels"]  # as train.py runs on a CPU
+    kernels = cpu_tuning.enable(args.cpu_tuning == "on")["kernels"]
 
     variants = {
         "ours eager": (lambda: Adagrad(0.01), False),
@@ -100,7 +106,7 @@ def main():
     has_torch = importlib.util.find_spec("torch") is not None
 
     print(
-        f"mlx {mx.__version__}, device {mx.default_device()}, compiled kernels: {kernels}; "
+        f"mlx {mx.__version__}, {mx.default_device()}, cpu tuning {args.cpu_tuning}, compiled kernels: {kernels}; "
         f"median of {args.repeats} steps"
     )
     names = list(variants) + (["torch fused (1 thread)"] if has_torch else [])

@@ -44,7 +44,8 @@ def machine(header):
     """The hardware and software a run was recorded on, as one line."""
     kernels = next((name for name in CPU_BY_KERNELS if f" {name} kernels" in header["blas"]), None)
     cpu = header.get("cpu") or CPU_BY_KERNELS.get(kernels, header["machine"])
-    return f"{cpu}, {header.get('cores', 2)} cores, {header['machine']} Linux; MLX {header['mlx']}; BLAS {header['blas']}"
+    cores = header.get("cores", 2)
+    return f"{cpu}, {cores} cores, {header['machine']} Linux; MLX {header['mlx']}; BLAS {header['blas']}"
 
 
 if __name__ == "__main__":

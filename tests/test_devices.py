@@ -133,3 +133,14 @@ def test_device_gpu_without_a_gpu_is_one_line(tmp_path):
     assert done.returncode == 2 and time.perf_counter() - start < 30
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("train.py: error: --device gpu: this MLX has no GPU"), done.stderr
+
+
+def test_streams_on_a_gpu_step_are_one_line(tmp_path, monkeypatch, capsys):
+    # No GPU here: the device choice is stubbed, and the check comes before any work on the device.
+    write_small_mnist(tmp_path)
+    monkeypatch.setattr(train, "choose_device", lambda requested: "gpu")
+    with pytest.raises(SystemExit) as exit_:
+        train.main(["--data-dir", str(tmp_path), "--streams", "2"])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert exit_.value.code == 2 and len(lines) == 1
+    assert lines[0] == "train.py: error: --streams 2 splits a batch over CPU threads: use --streams 1 on the gpu"
