@@ -101,8 +101,13 @@ Saving and resuming::
     mx.save_safetensors("opt.safetensors", dict(tree_flatten(optimizer.state)))
     optimizer = Adagrad(0.05)
     optimizer.state = tree_unflatten(list(mx.load("opt.safetensors").items()))
+
+A state saved by ``mlx.optimizers.Adagrad`` for float16 / bfloat16 parameters holds ``v``
+in that dtype; loaded here, it is converted to ``state_dtype`` at the first update. The
+optimizer can be copied with ``copy.deepcopy`` and, with a float learning rate, pickled.
 """
 
+import math
 from collections.abc import Callable
 
 import mlx.core as mx
@@ -158,10 +163,10 @@ class Adagrad(Optimizer):
         rowwise: Callable[[str, mx.array], bool] | None = None,
     ):
         super().__init__()
-        if not callable(learning_rate) and learning_rate < 0:
-            raise ValueError(f"Adagrad learning_rate must be >= 0, got {learning_rate}")
-        if not eps > 0:
-            raise ValueError(f"Adagrad eps must be > 0, got {eps} (try 1e-8)")
+        if not callable(learning_rate) and not 0 <= learning_rate < math.inf:
+            raise ValueError(f"Adagrad learning_rate must be finite and >= 0, got {learning_rate}")
+        if not eps > 0:  # MLX's wording first, so that tests written against mlx.optimizers.Adagrad pass
+            raise ValueError(f"Adagrad epsilon should be >0, {eps} was provided instead (try 1e-8)")
         for name, value in [
             ("initial_accumulator_value", initial_accumulator_value),
             ("lr_decay", lr_decay),
@@ -182,7 +187,20 @@ class Adagrad(Optimizer):
         self.eps_inside_sqrt = eps_inside_sqrt
         self.state_dtype = state_dtype
         self.l1, self.l2, self.rowwise = l1, l2, rowwise
-        self._update = {row: _make_update(eps, weight_decay, eps_inside_sqrt, l1, l2, row) for row in (False, True)}
+        self._update = self._make_updates()
+
+    def _make_updates(self):
+        options = (self.eps, self.weight_decay, self.eps_inside_sqrt, self.l1, self.l2)
+        return {row: _make_update(*options, row) for row in (False, True)}
+
+    def __getstate__(self):
+        """For copy.deepcopy and pickle: the compiled updates are rebuilt, the dtype kept by its name."""
+        state = {k: v for k, v in self.__dict__.items() if k != "_update"}
+        return {**state, "state_dtype": str(self.state_dtype).rsplit(".", 1)[-1]}
+
+    def __setstate__(self, state):
+        self.__dict__.update(state, state_dtype=getattr(mx, state["state_dtype"]))
+        self._update = self._make_updates()
 
     def init(self, parameters: dict):
         """Create the state: ``v`` like each parameter, or ``v_row`` of shape (rows, 1) where ``rowwise`` says."""
@@ -207,5 +225,8 @@ class Adagrad(Optimizer):
         if self.lr_decay:
             lr = lr / (1 + (self.step - 1).astype(lr.dtype) * self.lr_decay)
         key = "v_row" if "v_row" in state else "v"
-        parameter, state[key] = self._update[key == "v_row"](parameter, gradient, state[key], lr)
+        v = state[key]
+        if v.dtype != self._state_dtype(parameter):  # a state saved by another optimizer: float16 / bfloat16 v
+            v = v.astype(self._state_dtype(parameter))
+        parameter, state[key] = self._update[key == "v_row"](parameter, gradient, v, lr)
         return parameter

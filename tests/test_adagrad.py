@@ -1,5 +1,7 @@
 """adagrad.py: exactness against MLX, NumPy and PyTorch, low precision, compile, save/resume."""
 
+import copy
+import pickle
 from functools import partial
 
 import mlx.core as mx
@@ -216,6 +218,58 @@ def test_low_precision_update_computed_in_state_dtype():
 def test_bad_hyperparameters_raise(kwargs, message):
     with pytest.raises(ValueError, match=message):
         Adagrad(**kwargs)
+
+
+@pytest.mark.parametrize("learning_rate", [float("nan"), float("inf")])
+def test_a_learning_rate_that_is_not_finite_raises(learning_rate):
+    with pytest.raises(ValueError, match="learning_rate must be finite"):
+        Adagrad(learning_rate)
+
+
+@pytest.mark.parametrize("eps", [0.0, -1e-8])
+def test_a_bad_eps_raises_as_mlx_does(eps):
+    """A test suite written against mlx.optimizers.Adagrad must pass with ours swapped in."""
+    messages = []
+    for make in (optim.Adagrad, Adagrad):
+        with pytest.raises(ValueError) as error:
+            make(0.1, eps=eps)
+        messages.append(str(error.value))
+    assert ">0" in messages[1] and messages[1].startswith(messages[0]), messages
+
+
+def test_deepcopy_and_pickle_continue_bit_for_bit():
+    params, grads = nested_tree(0, mx.bfloat16), gradient_sequence(6)
+    optimizer = Adagrad(0.1, weight_decay=0.01, state_dtype=mx.float32)
+    optimizer.init(params)
+    for g in grads[:3]:
+        params = optimizer.apply_gradients(g, params)
+    copies = [copy.deepcopy(optimizer), pickle.loads(pickle.dumps(optimizer))]
+    runs = []
+    for opt in [optimizer, *copies]:
+        p = params
+        for g in grads[3:]:
+            p = opt.apply_gradients(g, p)
+        runs.append(dict(tree_flatten((p, opt.state))))
+    assert copies[1].state_dtype == mx.float32
+    for run in runs[1:]:
+        assert run.keys() == runs[0].keys() and all(mx.array_equal(run[k], runs[0][k]) for k in run)
+
+
+def test_a_low_precision_state_saved_by_mlx_is_continued_in_state_dtype():
+    params, grads = nested_tree(0, mx.bfloat16), gradient_sequence(3)
+    theirs = optim.Adagrad(0.1)
+    theirs.init(params)
+    for g in grads[:2]:
+        params = theirs.apply_gradients(tree_map(lambda a: a.astype(mx.bfloat16), g), params)
+    saved = dict(tree_flatten(theirs.state))
+    assert saved["layers.0.weight.v"].dtype == mx.bfloat16
+    ours = Adagrad(0.1)
+    ours.state = tree_unflatten(list(saved.items()))  # as a resume loads it
+    ours.apply_gradients(grads[2], params)
+    g = grads[2]["layers"][0]["weight"].astype(mx.float32)
+    v = ours.state["layers"][0]["weight"]["v"]
+    assert v.dtype == mx.float32
+    assert mx.array_equal(v, saved["layers.0.weight.v"].astype(mx.float32) + g * g)
 
 
 # ---------------------------------------------------------------------------------------
