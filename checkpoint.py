@@ -3,10 +3,13 @@
 <dir>/checkpoint.safetensors holds arrays "model.*", "optimizer.*", "rng.keys" (one RNG key
 per process) and the JSON run state in its metadata; <dir>/checkpoint.json repeats that JSON
 for people. Both are written to a temporary file and renamed, so a crash never leaves half a
-file. Data-parallel processes hold equal weights and optimizer state, so only rank 0 writes;
-to resume on several machines, --checkpoint-dir must be a folder they all see.
+file, and only parameters that are all finite are saved. A run holds <dir>/.lock (an OS file
+lock, released when the process ends, however it ends) so that two runs never share a folder.
+Data-parallel processes hold equal weights and optimizer state, so only rank 0 writes; to resume
+on several machines, --checkpoint-dir must be a folder they all see.
 """
 
+import fcntl
 import json
 import os
 from pathlib import Path
@@ -17,10 +20,73 @@ from mlx.utils import tree_flatten, tree_unflatten
 # Version 2 stores dense layers' weights (in, out) (models/dense.py); version 1 had nn.Linear's (out, in),
 # which a square layer would load silently transposed.
 FORMAT = 2
+FILES = ("checkpoint.safetensors", "checkpoint.json")
+RUN_STATE = {"step": int, "epoch": int, "batch": int, "config": dict}
 
 
 class CheckpointError(Exception):
-    """A checkpoint that cannot be used; the message says why and what to do."""
+    """A checkpoint that cannot be used or written; the message says why and what to do."""
+
+
+def claim(directory, resume: bool, overwrite: bool):
+    """Make `directory` this run's: create it, lock it, check that it can be written, remove what an
+    interrupted save left, and refuse to start over a checkpoint unless resuming or told to overwrite.
+
+    Returns the open lock file; keep it for the whole run (closing it releases the folder).
+    """
+    directory = Path(directory)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        lock = open(directory / ".lock", "a+")
+    except OSError as e:
+        raise CheckpointError(
+            f"cannot use --checkpoint-dir {directory} ({e.strerror}): choose a writable folder"
+        ) from None
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.seek(0)
+        owner = lock.read().strip() or "another process"
+        lock.close()
+        raise CheckpointError(
+            f"--checkpoint-dir {directory} is in use by another train.py ({owner}): give each run its own folder"
+        ) from None
+    try:
+        lock.seek(0)
+        lock.truncate()
+        lock.write(f"pid {os.getpid()}\n")
+        lock.flush()
+        for stale in directory.glob(".checkpoint.tmp*"):  # a save that was killed halfway; the lock says it is over
+            stale.unlink()
+        exists = (directory / FILES[0]).exists()
+        saved = exists and _saved_run_state(directory / FILES[0])
+        if saved and (not (directory / FILES[1]).exists() or (directory / FILES[1]).read_text() != saved + "\n"):
+            _atomic_write(directory / FILES[1], lambda tmp: tmp.write_text(saved + "\n"))  # killed between the two
+        if exists and not resume and not overwrite:
+            raise CheckpointError(
+                f"--checkpoint-dir {directory} holds a checkpoint: continue it with --resume, start over with "
+                "--overwrite, or use a new --checkpoint-dir"
+            )
+        if resume and not exists:
+            raise CheckpointError(
+                f"no checkpoint in {directory}: drop --resume, or point --checkpoint-dir at a run's folder"
+            )
+    except (CheckpointError, OSError) as e:
+        lock.close()  # refused: the folder stays free
+        if isinstance(e, OSError):
+            raise CheckpointError(f"cannot use --checkpoint-dir {directory} ({e.strerror})") from None
+        raise
+    return lock
+
+
+def _saved_run_state(path: Path):
+    """The run state's JSON text in a safetensors file's header, read without its arrays (or None)."""
+    try:
+        with open(path, "rb") as f:
+            header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
+        return header["__metadata__"]["run_state"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def _atomic_write(path: Path, write):
@@ -33,10 +99,16 @@ def _atomic_write(path: Path, write):
             tmp.unlink()
 
 
+def all_finite(arrays) -> bool:
+    return all(mx.isfinite(v).all().item() for v in arrays if mx.issubdtype(v.dtype, mx.floating))
+
+
 def save(directory, model, optimizer, run_state: dict, group=None):
     """Write the checkpoint of `model`, `optimizer`, the MLX RNG and `run_state` (JSON-able).
 
-    Under mlx.launch every process of `group` must call it: it gathers their RNG keys.
+    Under mlx.launch every process of `group` must call it: it gathers their RNG keys. Raises
+    CheckpointError, leaving the previous checkpoint as it was, when a parameter is not finite or
+    the files cannot be written (a full disk, say).
     """
     keys = mx.random.state[0][None]
     if group is not None and group.size() > 1:
@@ -45,16 +117,22 @@ def save(directory, model, optimizer, run_state: dict, group=None):
             mx.eval(keys)
             return
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
     arrays = {f"model.{k}": v for k, v in tree_flatten(model.parameters())}
     arrays.update({f"optimizer.{k}": v for k, v in tree_flatten(optimizer.state)})
+    if not all_finite(arrays.values()):
+        raise CheckpointError(f"not saved: the parameters at step {run_state['step']} are not all finite")
     arrays["rng.keys"] = keys
     text = json.dumps({**run_state, "format": FORMAT}, indent=1, sort_keys=True)
-    _atomic_write(
-        directory / "checkpoint.safetensors",
-        lambda tmp: mx.save_safetensors(str(tmp), arrays, metadata={"run_state": text}),
-    )
-    _atomic_write(directory / "checkpoint.json", lambda tmp: tmp.write_text(text + "\n"))
+    try:
+        _atomic_write(
+            directory / FILES[0], lambda tmp: mx.save_safetensors(str(tmp), arrays, metadata={"run_state": text})
+        )
+        _atomic_write(directory / FILES[1], lambda tmp: tmp.write_text(text + "\n"))
+    except (OSError, RuntimeError) as e:  # MLX reports a failed write as a RuntimeError
+        reason = e.strerror if isinstance(e, OSError) else str(e).splitlines()[0]
+        raise CheckpointError(
+            f"cannot write a checkpoint in {directory} ({reason}); the previous one is intact"
+        ) from None
 
 
 def load(directory, model, optimizer, identity: dict, rank: int = 0) -> dict:
@@ -65,21 +143,27 @@ def load(directory, model, optimizer, identity: dict, rank: int = 0) -> dict:
 
     Call it before building the compiled step: the step captures these state objects.
     """
-    path = Path(directory) / "checkpoint.safetensors"
+    path = Path(directory) / FILES[0]
     if not path.exists():
         raise CheckpointError(f"no checkpoint at {path}: drop --resume, or point --checkpoint-dir at a run's folder")
+    not_ours = f"{path} is not a checkpoint of this program"
     try:
         arrays, metadata = mx.load(str(path), return_metadata=True)
         run_state = json.loads(metadata["run_state"])
     except Exception as e:  # noqa: BLE001 - any unreadable file gets the same one-line answer
-        raise CheckpointError(
-            f"{path} is not a readable checkpoint ({e}): delete it or use another --checkpoint-dir"
-        ) from None
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise CheckpointError(f"{not_ours} or is damaged ({reason}): use another --checkpoint-dir") from None
+    if not isinstance(run_state, dict):
+        raise CheckpointError(f"{not_ours}: its metadata is not a run state; use another --checkpoint-dir")
     if run_state.get("format", 1) != FORMAT:
         raise CheckpointError(
             f"{path} is in checkpoint format {run_state.get('format', 1)}, from another version of "
             f"mlx-adagrad (this one reads format {FORMAT}): resume with that version or use a new --checkpoint-dir"
         )
+    wrong = [k for k, kind in RUN_STATE.items() if not isinstance(run_state.get(k), kind)]
+    if wrong or "rng.keys" not in arrays:
+        missing = ", ".join(wrong or ["rng.keys"])
+        raise CheckpointError(f"{not_ours}: its run state lacks {missing}; use another --checkpoint-dir")
     saved = run_state["config"]
     differ = [k for k in identity if saved.get(k) != identity[k]]
     if differ:
@@ -93,6 +177,8 @@ def load(directory, model, optimizer, identity: dict, rank: int = 0) -> dict:
     current = dict(tree_flatten(model.parameters()))
     if {k: v.shape for k, v in params.items()} != {k: v.shape for k, v in current.items()}:
         raise CheckpointError(f"{path} holds weights of another model shape: use a new --checkpoint-dir")
+    if arrays["rng.keys"].shape[0] <= rank:
+        raise CheckpointError(f"{path} holds RNG keys for {arrays['rng.keys'].shape[0]} process(es), not rank {rank}")
     model.update(tree_unflatten(list(params.items())))
     optimizer.state = tree_unflatten(
         [(k[len("optimizer.") :], v) for k, v in arrays.items() if k.startswith("optimizer.")]

@@ -2,12 +2,15 @@
 its loss per target (token_losses(model, inputs, targets)) and an evaluation."""
 
 import math
+import os
 from functools import partial
+from pathlib import Path
 from types import SimpleNamespace
 
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
+from mlx.utils import tree_flatten
 
 from data import DataError, mnist, text
 from models.cnn import CNN
@@ -16,7 +19,7 @@ from models.transformer import Transformer
 
 
 def setup_mnist(args, cpu_ops):
-    data = mnist.load(args.dataset, args.data_dir)
+    data = mnist.load(args.dataset, args.data_dir, args.verify_data == "on")
     model = MLP(dropout=args.dropout) if args.model == "mlp" else CNN(dropout=args.dropout, cpu_ops=cpu_ops)
 
     def evaluate(model, final=False):
@@ -41,7 +44,7 @@ def setup_mnist(args, cpu_ops):
 
 
 def setup_lm(args, cpu_ops):
-    splits = text.load_splits(args.dataset, args.data_dir)
+    splits = text.load_splits(args.dataset, args.data_dir, args.verify_data == "on")
     sp = text.tokenizer(splits["train"], args.vocab_size, args.tokenizer, args.cache_dir)
     tokens = {split: text.encode(sp, t) for split, t in splits.items()}
     sp_ids = np.arange(sp.vocab_size())  # sp_ids[the model's token id] = SentencePiece's id
@@ -99,3 +102,44 @@ def setup_lm(args, cpu_ops):
         augment=lambda x: x,
         token_losses=lambda model, x, y: model.nll(x, y),
     )
+
+
+def step_bytes(args, model) -> int:
+    """A rough estimate (within about 2x) of the memory one training step needs: the parameters,
+    their gradients, optimizer state and update, and each sample's activations and their gradients."""
+    parameters = sum(v.size for _, v in tree_flatten(model.parameters()))
+    if args.task == "lm":
+        vocab = model.embedding.weight.shape[0]
+        output = 6 * math.isqrt(vocab) if args.softmax == "class" else 3 * vocab
+        per_sample = args.context * (args.layers * (16 * args.dim + 3 * args.heads * args.context) + output)
+    elif args.model == "cnn":
+        per_sample = 400_000  # two blocks of 32 and 64 channels: unfolded inputs, outputs, Winograd tiles
+    else:
+        per_sample = 8 * (784 + sum(layer.weight.shape[1] for layer in model.layers))
+    return 4 * (4 * parameters + 2 * args.batch_size * per_sample)
+
+
+def available_memory():
+    """Bytes this process may still use, or None where that cannot be read."""
+    if mx.default_device().type == mx.DeviceType.gpu:
+        return mx.device_info().get("memory_size")
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError):
+        return None
+
+
+def check_memory(args, model):
+    """DataError when a training step would need more memory than there is."""
+    need, have = step_bytes(args, model), available_memory()
+    if have is not None and need > have:
+        raise DataError(
+            f"--batch-size {args.batch_size} needs about {need / 2**30:.1f} GiB a step (an estimate), more than the "
+            f"{have / 2**30:.1f} GiB available: use a smaller --batch-size"
+        )

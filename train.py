@@ -19,6 +19,7 @@ import json
 import math
 import os
 import platform
+import signal
 import sys
 import tempfile
 import time
@@ -39,6 +40,7 @@ import tasks
 from adagrad import Adagrad
 from adagrad_da import AdagradDA
 from data import DataError, default_data_dir, mnist
+from runlog import JsonlLog, LogError
 
 # ---------------------------------------------------------------------------------------
 # Options. Those whose default depends on the recipe are None in the parser and filled from
@@ -67,27 +69,13 @@ LEARNING_RATES = {
     "transformer": {"adagrad": 0.02, "mlx-adagrad": 0.02, "adagrad-da": 0.02, "sgd": 0.03, "adam": 5e-4, "adamw": 5e-4},
 }
 OPTIMIZERS = list(LEARNING_RATES["mlp"])
+# A run stops when its loss is not finite or exceeds this many times its first step's.
+DIVERGED = 1000
 # Options that say how to run, not what is trained: a checkpoint resumes under other values of these.
-HOW_TO_RUN = {
-    "steps",
-    "data_dir",
-    "cache_dir",
-    "log_file",
-    "log_every",
-    "checkpoint_dir",
-    "checkpoint_every",
-    "resume",
-    "reproduce",
-    "reproduce_steps",
-    "no_compile",
-    "blas_threads",
-    "streams",
-    "sample",
-    "temperature",
-    "device",
-    "stock_ops",
-    "cpu_tuning",
-}
+HOW_TO_RUN = set(
+    "steps data_dir cache_dir log_file log_every checkpoint_dir checkpoint_every resume overwrite reproduce "
+    "reproduce_steps no_compile blas_threads streams sample temperature device stock_ops cpu_tuning verify_data".split()
+)
 
 
 def recipe_defaults(option):
@@ -107,7 +95,8 @@ def build_parser():
     p.add_argument("--model", choices=list(RECIPES["model"]), help=f"default: {recipe_defaults('model')}")
     p.add_argument("--optimizer", choices=OPTIMIZERS, default="adagrad", help="adagrad: adagrad.py; mlx-adagrad: "
                    "mlx.optimizers.Adagrad; adagrad-da: adagrad_da.py; sgd: momentum 0.9 (default: adagrad)")
-    p.add_argument("--lr", type=float, help=f"learning rate (default: {lrs})")
+    p.add_argument("--lr", type=float, help=f"learning rate; a run stops when its loss is not finite or over "
+                   f"{DIVERGED}x its first step's (default: {lrs})")
     p.add_argument("--eps", type=float, help="epsilon of adagrad, adam, adamw (default: the optimizer's, 1e-8)")
     p.add_argument("--initial-accumulator-value", type=float, default=0.0, help="adagrad: v starts here (default 0)")
     p.add_argument("--lr-decay", type=float, default=0.0, help="adagrad: lr / (1 + (t-1) lr_decay) (default 0)")
@@ -128,6 +117,10 @@ def build_parser():
     p.add_argument("--checkpoint-dir", type=Path, help="save checkpoints here, every --checkpoint-every steps and last")
     p.add_argument("--checkpoint-every", type=int, default=1000)
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --checkpoint-dir")
+    p.add_argument("--overwrite", action="store_true", help="start over in a --checkpoint-dir that holds a "
+                   "checkpoint, or on an existing --log-file (otherwise refused)")
+    p.add_argument("--verify-data", choices=["on", "off"], default="on", help="check local data files against "
+                   "the originals' sha256 (off: train on your own files of the same names)")
     p.add_argument("--reproduce", type=Path, metavar="LOG", help="rerun the run LOG records for --reproduce-steps "
                    "steps and compare every logged value; exit 1 on a mismatch")
     p.add_argument("--reproduce-steps", type=int, default=reproduce.REPRODUCE_STEPS)
@@ -192,6 +185,9 @@ def with_defaults(args):
 
 def check(args):
     """One line and exit 2 for options that cannot work together."""
+    for name, value in vars(args).items():
+        if isinstance(value, float) and not math.isfinite(value):
+            fail(f"--{name.replace('_', '-')} must be a finite number, got {value}")
     if args.task == "mnist" and args.dataset not in mnist.SHA256:
         fail(f"--dataset {args.dataset} is not an image dataset: choose {', '.join(mnist.SHA256)} (or --task lm)")
     if (args.task == "lm") != (args.model == "transformer"):
@@ -346,23 +342,6 @@ def split_rows(array, parts):
 # Logging and the training loop
 
 
-class JsonlLog:
-    """One JSON object per line; a no-op without a path."""
-
-    def __init__(self, path, header=None):
-        self.file = None
-        if path:
-            Path(path).parent.mkdir(parents=True, exist_ok=True)
-            self.file = open(path, "a" if header is None else "w")
-            if header is not None:
-                self.write(header)
-
-    def write(self, record):
-        if self.file:
-            self.file.write(json.dumps(record) + "\n")
-            self.file.flush()
-
-
 def run_header(args, command, world, tuning, cpu_ops):
     return {
         "command": command,
@@ -395,7 +374,6 @@ def train(args, command, tuning):
     """Train as `args` says; return the model and optimizer. Under mlx.launch, data-parallel."""
     group = mx.distributed.init()  # a group of one unless started by mlx.launch
     rank, world = group.rank(), group.size()
-    say = print if rank == 0 else (lambda *_, **__: None)
     if args.streams > 1 and args.device != "cpu":
         fail(f"--streams {args.streams} splits a batch over CPU threads: use --streams 1 on the {args.device}")
     if args.batch_size < world * args.streams:
@@ -403,6 +381,25 @@ def train(args, command, tuning):
             f"--batch-size {args.batch_size} is smaller than the {world} process(es) x {args.streams} stream(s): "
             "each needs a share of every batch"
         )
+    # The outputs first: a run that cannot save what it does, or would overwrite another's, never starts.
+    try:
+        claim = args.checkpoint_dir and rank == 0  # the others only read it, to resume
+        lock = checkpoint.claim(args.checkpoint_dir, args.resume, args.overwrite) if claim else None
+        log = JsonlLog(args.log_file if rank == 0 else None, fresh=not args.resume, overwrite=args.overwrite)
+    except (checkpoint.CheckpointError, LogError) as e:
+        fail(str(e))
+    try:
+        return run(args, command, tuning, group, log)
+    finally:  # also on every exit through fail(): the folder is free again, the log closed
+        log.close()
+        if lock:
+            lock.close()
+
+
+def run(args, command, tuning, group, log):
+    """The training itself, into outputs train() has checked and claimed."""
+    rank, world = group.rank(), group.size()
+    say = print if rank == 0 else (lambda *_, **__: None)
     cpu_tuning.set_blas_threads(args.blas_threads)
     cpu_ops = args.device == "cpu" and not args.stock_ops  # models/cpu_ops.py and models/conv.py, or MLX's own
     say(
@@ -414,6 +411,7 @@ def train(args, command, tuning):
     mx.random.seed(args.seed)
     try:
         task = (tasks.setup_mnist if args.task == "mnist" else tasks.setup_lm)(args, cpu_ops)
+        tasks.check_memory(args, task.model)
     except DataError as e:
         fail(str(e))
     model, batches = task.model, task.batches
@@ -432,14 +430,26 @@ def train(args, command, tuning):
     if rank > 0:  # same initial weights on every process, but its own dropout and augmentation draws
         mx.random.seed(args.seed + rank)
 
-    step, epoch, start_batch = 0, 0, 0
+    def write(action, *record):
+        """log.write(record), or another action on the log: a failure is one line and exit 2."""
+        try:
+            action(*record)
+        except LogError as e:
+            fail(str(e))
+
+    # Where the run stands; a checkpoint stores all of it, so a resumed run logs what this one would have.
+    step, epoch, start_batch, window, first_loss, pending_eval = 0, 0, 0, [], None, None
     if args.resume:
         try:
             saved = checkpoint.load(args.checkpoint_dir, model, optimizer, identity, rank)
         except checkpoint.CheckpointError as e:
             fail(str(e))
         step, epoch, start_batch = saved["step"], saved["epoch"], saved["batch"]
+        window, first_loss, pending_eval = saved.get("window", []), saved.get("first_loss"), saved.get("pending_eval")
+        write(log.resume, saved.get("log_lines"))
         say(f"resumed from {args.checkpoint_dir} at step {step} (epoch {epoch + 1}, batch {start_batch})")
+    else:
+        write(log.start, header)
 
     # The compiled step captures these objects: build it only after init and any resume.
     state = [model.state, optimizer.state, mx.random.state]
@@ -447,79 +457,118 @@ def train(args, command, tuning):
     if not args.no_compile:
         train_step = partial(mx.compile, inputs=state, outputs=state)(train_step)
 
-    log = JsonlLog(args.log_file if rank == 0 else None, None if args.resume else header)
+    def save_checkpoint(pending_eval=None):
+        nonlocal last_saved
+        epoch_, batch = (epoch + 1, 0) if start_batch == batches.per_epoch else (epoch, start_batch)
+        run_state = {
+            "step": step,
+            "epoch": epoch_,
+            "batch": batch,
+            "config": header["config"],
+            "window": window,
+            "first_loss": first_loss,
+            "pending_eval": pending_eval,
+            "log_lines": log.lines,
+        }
+        checkpoint.save(args.checkpoint_dir, model, optimizer, run_state, group)
+        last_saved = (step, pending_eval)
 
-    def save_checkpoint(epoch, batch):
-        if batch == batches.per_epoch:  # store the end of an epoch as the start of the next
-            epoch, batch = epoch + 1, 0
-        checkpoint.save(
-            args.checkpoint_dir,
-            model,
-            optimizer,
-            {"step": step, "epoch": epoch, "batch": batch, "config": header["config"]},
-            group,
-        )
-
-    def evaluate(final=False):
-        model.eval()
-        metrics, summary = task.evaluate(model, final)
-        model.train()
-        return metrics, summary
-
-    model.train()
-    last_saved, loss, start_time = step, float("nan"), time.perf_counter()
-    while epoch < args.epochs and (args.steps is None or step < args.steps):
-        bar = tqdm(
-            batches.epoch(epoch, start_batch),
-            total=batches.per_epoch,
-            initial=start_batch,
-            desc=f"epoch {epoch + 1}/{args.epochs}",
-            leave=False,
-            mininterval=0.5,
-            disable=rank > 0,
-        )
-        window, seen, tic = [], 0, time.perf_counter()
-        for batch in bar:
-            loss = train_step(*shard(batch, rank, world))
-            mx.eval(state, loss)
-            loss = loss.item()
-            step, start_batch, seen = step + 1, start_batch + 1, seen + task.per_batch(batch)
-            if not math.isfinite(loss):
-                saved = args.checkpoint_dir and (args.checkpoint_dir / "checkpoint.safetensors").exists()
-                where = f"; the last good checkpoint (step {last_saved}) is in {args.checkpoint_dir}" if saved else ""
-                fail(f"loss is {loss} at step {step}: training diverged, try a lower --lr{where}")
-            window.append(loss)
-            if step % args.log_every == 0:
-                rate = seen / (time.perf_counter() - tic)
-                log.write(
-                    {
-                        "step": step,
-                        "epoch": epoch + 1,
-                        "loss": sum(window) / len(window),
-                        "lr": optimizer.learning_rate.item(),
-                        f"{task.unit}_per_s": rate,
-                    }
-                )
-                bar.set_postfix(loss=f"{window[-1]:.3f}", **{f"{task.unit}_per_s": f"{rate:.0f}"}, refresh=False)
-                window = []
-            if args.checkpoint_dir and step % args.checkpoint_every == 0:
-                save_checkpoint(epoch, start_batch)
-                last_saved = step
-            if step == args.steps:
-                break
-        bar.close()
-        seconds, trained_epoch = time.perf_counter() - tic, epoch + 1
-        if start_batch == batches.per_epoch:
-            epoch, start_batch = epoch + 1, 0
-        if rank == 0:  # the others go on; they wait for it at the next step's gradient average
-            metrics, summary = evaluate(final=epoch == args.epochs or step == args.steps)
-            log.write({"step": step, "epoch": trained_epoch, **metrics, "elapsed_s": time.perf_counter() - start_time})
-            say(
-                f"epoch {trained_epoch}: step {step}, train loss {loss:.4f}, {summary}, "
-                f"{seen / seconds:.0f} {task.unit}/s"
+    def evaluate(trained_epoch, rate=""):
+        """Evaluate and log on rank 0; the others go on and wait for it at the next gradient average."""
+        if rank == 0:
+            model.eval()
+            metrics, summary = task.evaluate(model, final=step == total_steps)
+            model.train()
+            write(
+                log.write,
+                {"step": step, "epoch": trained_epoch, **metrics, "elapsed_s": time.perf_counter() - start_time},
             )
-    if args.checkpoint_dir and last_saved != step:
-        save_checkpoint(epoch, start_batch)
+            say(f"epoch {trained_epoch}: step {step}, train loss {loss:.4f}, {summary}{rate}")
+
+    def stop(message, code):
+        """Save where the run stands (if it may be saved) and exit with `message`."""
+        if bar is not None:
+            bar.close()
+        saved_now = ""
+        if args.checkpoint_dir and code != 2:
+            try:
+                save_checkpoint(pending_eval)
+                saved_now = f"; saved step {step} in {args.checkpoint_dir}: continue with {command} --resume"
+            except checkpoint.CheckpointError as e:
+                saved_now = f"; {e}"
+        if code == 2:
+            fail(message)
+        print(f"train.py: {message}{saved_now or '; no --checkpoint-dir, so nothing to resume'}", file=sys.stderr)
+        sys.exit(code)
+
+    total_steps = min(args.steps or math.inf, args.epochs * batches.per_epoch)
+    last_saved = (step, pending_eval) if args.resume else None
+    interrupts, bar = Interrupts(world), None
+    model.train()
+    loss, start_time = float("nan"), time.perf_counter()
+    try:
+        if pending_eval is not None:  # the run was stopped before it evaluated
+            evaluate(pending_eval)
+            pending_eval = None
+        while step < total_steps:
+            bar = tqdm(
+                batches.epoch(epoch, start_batch),
+                total=batches.per_epoch,
+                initial=start_batch,
+                desc=f"epoch {epoch + 1}/{args.epochs}",
+                leave=False,
+                mininterval=0.5,
+                disable=rank > 0,
+            )
+            seen, tic = 0, time.perf_counter()
+            for batch in bar:
+                loss = train_step(*shard(batch, rank, world))
+                mx.eval(state, loss)
+                loss = loss.item()
+                step, start_batch, seen = step + 1, start_batch + 1, seen + task.per_batch(batch)
+                first_loss = loss if first_loss is None else first_loss
+                if not math.isfinite(loss) or abs(loss) > DIVERGED * abs(first_loss):
+                    stop(
+                        f"loss is {loss:.4g} at step {step} (first step: {first_loss:.4g}): training diverged, try a "
+                        f"lower --lr{last_good(args.checkpoint_dir)}",
+                        2,
+                    )
+                window.append(loss)
+                if step % args.log_every == 0:
+                    rate = seen / (time.perf_counter() - tic)
+                    write(
+                        log.write,
+                        {
+                            "step": step,
+                            "epoch": epoch + 1,
+                            "loss": sum(window) / len(window),
+                            "lr": optimizer.learning_rate.item(),
+                            f"{task.unit}_per_s": rate,
+                        },
+                    )
+                    bar.set_postfix(loss=f"{window[-1]:.3f}", **{f"{task.unit}_per_s": f"{rate:.0f}"}, refresh=False)
+                    window = []
+                ends = start_batch == batches.per_epoch or step == total_steps
+                if args.checkpoint_dir and step % args.checkpoint_every == 0:
+                    save_checkpoint(pending_eval=epoch + 1 if ends else None)
+                if interrupts.stopped():
+                    pending_eval = epoch + 1 if ends else None
+                    stop(f"stopped by {interrupts.name} at step {step}", 128 + interrupts.signal)
+                if ends:
+                    break
+            bar.close()
+            trained_epoch, rate = epoch + 1, f", {seen / (time.perf_counter() - tic):.0f} {task.unit}/s"
+            if start_batch == batches.per_epoch:
+                epoch, start_batch, window = epoch + 1, 0, []
+            evaluate(trained_epoch, rate)
+            if interrupts.stopped():
+                stop(f"stopped by {interrupts.name} at step {step}", 128 + interrupts.signal)
+        if args.checkpoint_dir and last_saved != (step, None):
+            save_checkpoint()
+    except checkpoint.CheckpointError as e:
+        stop(str(e), 2)
+    finally:
+        interrupts.restore()
     if args.l1:
         weights = [v for _, v in tree_flatten(model.trainable_parameters())]
         zeros = sum((v == 0).sum().item() for v in weights)
@@ -530,6 +579,44 @@ def train(args, command, tuning):
     if args.task == "lm" and args.sample and rank == 0:
         print(task.sample(model, args.sample, args.temperature))
     return model, optimizer
+
+
+def last_good(checkpoint_dir):
+    """'; the last good checkpoint (step N) is in DIR', or '' without one."""
+    path = checkpoint_dir and Path(checkpoint_dir) / checkpoint.FILES[1]
+    if not path or not path.exists():
+        return ""
+    return f"; the last good checkpoint (step {json.loads(path.read_text())['step']}) is in {checkpoint_dir}"
+
+
+class Interrupts:
+    """SIGINT (Ctrl-C) and SIGTERM ask the loop to stop after the current step; a second one exits at once.
+
+    Under mlx.launch the processes agree on the step: a stop requested on any of them stops them all."""
+
+    def __init__(self, world):
+        self.world, self.signal = world, None
+        self.previous = {s: signal.signal(s, self.handle) for s in (signal.SIGINT, signal.SIGTERM)}
+
+    def handle(self, signum, frame):
+        if self.signal is not None:
+            os._exit(128 + signum)
+        self.signal = signum
+
+    def stopped(self) -> bool:
+        if self.world > 1:  # another process was asked to stop: this one stops at the same step
+            asked = mx.distributed.all_sum(mx.array(self.signal or 0)).item()
+            if asked and self.signal is None:
+                self.signal = signal.SIGTERM
+        return self.signal is not None
+
+    @property
+    def name(self):
+        return signal.Signals(self.signal).name
+
+    def restore(self):
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
 
 
 # ---------------------------------------------------------------------------------------

@@ -22,15 +22,22 @@ def sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def ensure_file(path: Path, urls: list, expected_sha256: str) -> Path:
+def ensure_file(path: Path, urls: list, expected_sha256: str, verify: bool = True) -> Path:
     """Return `path`, downloading it first from the first url that answers if it is absent.
 
     The download goes to a temporary file in the same folder, is checked against
     `expected_sha256`, and only then renamed to `path`: an interrupted or corrupt
-    download never leaves a file behind.
+    download never leaves a file behind. A file already there is checked too (verify=False:
+    trusted, for files of your own under the same names).
     """
     path = Path(path)
     if path.exists():
+        got = sha256(path) if verify else expected_sha256
+        if got != expected_sha256:
+            raise DataError(
+                f"{path} is not the original file (sha256 {got[:12]}..., expected {expected_sha256[:12]}...): "
+                "replace it, or delete it to download it again (--verify-data off trains on it as it is)"
+            )
         return path
     hint = f"put {path.name} (sha256 {expected_sha256[:12]}...) in {path.parent}, or pass --data-dir"
     try:

@@ -63,7 +63,7 @@ def read_idx(path: Path, magic: int, ndim: int) -> np.ndarray:
     return np.frombuffer(raw, np.uint8, offset=header_bytes).reshape(shape).copy()
 
 
-def load(dataset: str, data_dir: Path) -> dict:
+def load(dataset: str, data_dir: Path, verify: bool = True) -> dict:
     """Return {"train_images": (60000, 28, 28, 1) uint8, "train_labels": (60000,) int32, "test_...": ...}."""
     if dataset not in SHA256:
         raise DataError(f"unknown image dataset {dataset!r}: choose one of {', '.join(SHA256)}")
@@ -75,6 +75,7 @@ def load(dataset: str, data_dir: Path) -> dict:
                 folder / FILES[f"{split}_{kind}"],
                 [m + FILES[f"{split}_{kind}"] for m in MIRRORS[dataset]],
                 SHA256[dataset][f"{split}_{kind}"],
+                verify,
             )
             for kind in ("images", "labels")
         }

@@ -12,6 +12,7 @@ import json
 import os
 import re
 import socket
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -37,14 +38,31 @@ HUB = ("Salesforce/wikitext", "wikitext-2-raw-v1")
 DATASETS = [*LOCAL, "wikitext-2"]
 
 
+def check_text_file(path: str):
+    """DataError unless `path` is a file of UTF-8 text."""
+    if not os.path.isfile(path):
+        raise DataError(f"text file {path} does not exist: check the path")
+    try:
+        raw = Path(path).read_bytes()
+    except OSError as e:
+        raise DataError(f"cannot read {path} ({e.strerror})") from None
+    if b"\0" in raw:
+        raise DataError(f"{path} is not text (it holds NUL bytes, as binary files do): pass a .txt file")
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(
+            f"{path} is not UTF-8 text (byte {e.start}: {e.reason}): convert it, e.g. iconv -f latin1 -t utf-8"
+        ) from None
+
+
 def read_text(paths) -> str:
     """Read local text files with the `datasets` text builder, whole files as documents."""
     import datasets
 
     paths = [str(p) for p in paths]
     for p in paths:
-        if not os.path.isfile(p):
-            raise DataError(f"text file {p} does not exist: check the path")
+        check_text_file(p)
     datasets.disable_progress_bars()
     documents = datasets.load_dataset("text", data_files=paths, sample_by="document", split="train")["text"]
     text = "".join(documents)
@@ -90,13 +108,13 @@ def load_wikitext2() -> dict:
         datasets.config.HF_HUB_OFFLINE = offline
 
 
-def load_splits(dataset: str, data_dir: Path) -> dict:
+def load_splits(dataset: str, data_dir: Path, verify: bool = True) -> dict:
     """Return {"train": str, "valid": str, "test": str (PTB, WikiText-2 only)}."""
     if dataset in LOCAL:
         texts = {}
         for split, (relative, digest) in LOCAL[dataset].items():
             path = Path(data_dir) / relative
-            ensure_file(path, [m + path.name for m in MIRRORS[dataset]], digest)
+            ensure_file(path, [m + path.name for m in MIRRORS[dataset]], digest, verify)
             texts[split] = read_text([path])
         return split_90_10(texts["all"]) if "all" in texts else texts
     if dataset == "wikitext-2":
@@ -144,27 +162,30 @@ def tokenizer(train_text: str, vocab_size, model_type: str, cache_dir: Path):
             settings.update(vocab_size=1 << 24, hard_vocab_limit=False)
     key = hashlib.sha256(train_text.encode() + json.dumps(settings, sort_keys=True).encode()).hexdigest()[:20]
     path = Path(cache_dir) / f"{model_type}-{vocab_size or 'all'}-{key}.model"
-    if not path.exists():
-        model = io.BytesIO()
+    if path.is_file():
         try:
-            spm.SentencePieceTrainer.train(
-                sentence_iterator=iter(train_text.split("\n")), model_writer=model, **settings
-            )
-        except RuntimeError as e:
-            most, least = re.search(r"<= (\d+)", str(e)), re.search(r"required_chars\. \d+ vs (\d+)", str(e))
-            limit = (
-                f"at most {most.group(1)}"
-                if most
-                else f"at least {least.group(1)}"
-                if least
-                else str(e).splitlines()[-1]
-            )
-            raise DataError(f"--vocab-size {vocab_size} does not fit this training text ({limit})") from None
+            return spm.SentencePieceProcessor(model_file=str(path))
+        except (RuntimeError, OSError):  # a damaged cache entry: trained again below, and replaced
+            pass
+    model = io.BytesIO()
+    try:
+        spm.SentencePieceTrainer.train(sentence_iterator=iter(train_text.split("\n")), model_writer=model, **settings)
+    except RuntimeError as e:
+        most, least = re.search(r"<= (\d+)", str(e)), re.search(r"required_chars\. \d+ vs (\d+)", str(e))
+        limit = (
+            f"at most {most.group(1)}" if most else f"at least {least.group(1)}" if least else str(e).splitlines()[-1]
+        )
+        raise DataError(f"--vocab-size {vocab_size} does not fit this training text ({limit})") from None
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # processes of one launch may race here
+    try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # processes of one launch may race here
         tmp.write_bytes(model.getvalue())
         os.replace(tmp, path)
-    return spm.SentencePieceProcessor(model_file=str(path))
+    except OSError as e:
+        if tmp.parent.is_dir():
+            tmp.unlink(missing_ok=True)
+        print(f"note: tokenizer not cached, {path.parent} cannot be written ({e.strerror})", file=sys.stderr)
+    return spm.SentencePieceProcessor(model_proto=model.getvalue())
 
 
 def encode(sp, text: str) -> np.ndarray:

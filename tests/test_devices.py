@@ -92,7 +92,20 @@ def test_cnn_stock_ops_match_the_cpu_ones():
 def test_stock_ops_train_and_a_checkpoint_resumes_on_the_other_path(tmp_path, task):
     if task == "cnn":
         write_small_mnist(tmp_path)
-        args = ["--model", "cnn", "--lr", "0.05", "--batch-size", "32", "--epochs", "4", "--data-dir", str(tmp_path)]
+        args = [
+            "--model",
+            "cnn",
+            "--lr",
+            "0.05",
+            "--batch-size",
+            "32",
+            "--epochs",
+            "4",
+            "--data-dir",
+            str(tmp_path),
+            "--verify-data",
+            "off",
+        ]
     else:
         (tmp_path / "corpus.txt").write_text(make_text())
         args = [
@@ -124,7 +137,7 @@ def test_stock_ops_train_and_a_checkpoint_resumes_on_the_other_path(tmp_path, ta
 def test_device_gpu_without_a_gpu_is_one_line(tmp_path):
     start = time.perf_counter()
     done = subprocess.run(
-        [sys.executable, "train.py", "--device", "gpu", "--data-dir", str(tmp_path)],
+        [sys.executable, "train.py", "--device", "gpu", "--data-dir", str(tmp_path), "--verify-data", "off"],
         cwd=REPO,
         capture_output=True,
         text=True,
@@ -140,7 +153,7 @@ def test_streams_on_a_gpu_step_are_one_line(tmp_path, monkeypatch, capsys):
     write_small_mnist(tmp_path)
     monkeypatch.setattr(train, "choose_device", lambda requested: "gpu")
     with pytest.raises(SystemExit) as exit_:
-        train.main(["--data-dir", str(tmp_path), "--streams", "2"])
+        train.main(["--data-dir", str(tmp_path), "--verify-data", "off", "--streams", "2"])
     lines = capsys.readouterr().err.strip().splitlines()
     assert exit_.value.code == 2 and len(lines) == 1
     assert lines[0] == "train.py: error: --streams 2 splits a batch over CPU threads: use --streams 1 on the gpu"

@@ -27,7 +27,18 @@ def train_args(task, tmp_path):
     """A short run on data the test writes, logging every step."""
     if task == "mnist":
         write_small_mnist(tmp_path)
-        return ["--data-dir", str(tmp_path), "--batch-size", "32", "--epochs", "2", "--log-every", "1"]
+        return [
+            "--data-dir",
+            str(tmp_path),
+            "--verify-data",
+            "off",
+            "--batch-size",
+            "32",
+            "--epochs",
+            "2",
+            "--log-every",
+            "1",
+        ]
     (tmp_path / "corpus.txt").write_text(make_text())
     return [
         *TINY_MODEL,

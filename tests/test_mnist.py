@@ -53,7 +53,7 @@ def write_small_mnist(root, n_train=250, n_test=100, seed=0):
 
 
 def test_reads_valid_files(tmp_path):
-    data = mnist.load("mnist", write_small_mnist(tmp_path))
+    data = mnist.load("mnist", write_small_mnist(tmp_path), verify=False)
     assert data["train_images"].shape == (250, 28, 28, 1) and data["train_images"].dtype == np.uint8
     assert data["test_labels"].shape == (100,) and data["test_labels"].max() <= 9
 
@@ -84,7 +84,7 @@ def test_bad_files_give_one_line_errors(tmp_path, damage, message):
     path = tmp_path / "mnist" / "train-images-idx3-ubyte.gz"
     damage(path)
     with pytest.raises(DataError, match=message) as error:
-        mnist.load("mnist", tmp_path)
+        mnist.load("mnist", tmp_path, verify=False)
     assert "\n" not in str(error.value) and str(path) in str(error.value)
 
 
@@ -132,7 +132,7 @@ def test_no_network_fails_fast_and_says_where_to_put_files(tmp_path):
 
 
 def test_data_pipeline_order_is_the_seeded_permutation(tmp_path):
-    data = mnist.load("mnist", write_small_mnist(tmp_path))
+    data = mnist.load("mnist", write_small_mnist(tmp_path), verify=False)
     batches = mnist.Batches(data["train_images"], data["train_labels"], 32, seed=3)
     labels = np.concatenate([y for _, y in batches.epoch(1)])
     np.testing.assert_array_equal(labels, data["train_labels"][mnist.epoch_order(250, 3, 1)])
@@ -177,6 +177,8 @@ def run_train(tmp_path, *args, name="run"):
         [
             "--data-dir",
             str(tmp_path),
+            "--verify-data",
+            "off",
             "--batch-size",
             "32",
             "--epochs",
@@ -267,6 +269,8 @@ def test_bfs_width_changes_the_order_of_work_not_the_results(tmp_path):
                 "train.py",
                 "--data-dir",
                 str(tmp_path),
+                "--verify-data",
+                "off",
                 "--model",
                 "cnn",
                 "--batch-size",
@@ -330,7 +334,7 @@ def test_diverging_run_stops_and_keeps_last_good_checkpoint(tmp_path, capsys):
     assert "training diverged" in error
     saved = json.loads((ckpt / "checkpoint.json").read_text())
     assert 0 < saved["step"] and f"step {saved['step']}" in error
-    assert sorted(os.listdir(ckpt)) == ["checkpoint.json", "checkpoint.safetensors"]
+    assert sorted(os.listdir(ckpt)) == [".lock", "checkpoint.json", "checkpoint.safetensors"]
 
 
 @pytest.mark.parametrize(
@@ -354,7 +358,7 @@ def test_bad_command_lines_give_one_line_errors(tmp_path, capsys, monkeypatch, a
     write_small_mnist(tmp_path)
     monkeypatch.setattr(mnist, "MIRRORS", {"fashion-mnist": ["http://127.0.0.1:9/"], "mnist": []})
     with pytest.raises(SystemExit) as exit_:
-        train.main(["--data-dir", str(tmp_path), *args])
+        train.main(["--data-dir", str(tmp_path), "--verify-data", "off", *args])
     assert exit_.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("train.py: error:")

@@ -29,6 +29,8 @@ def test_reproduces_a_recorded_run_and_catches_a_changed_value(tmp_path, capsys)
         [
             "--data-dir",
             str(tmp_path),
+            "--verify-data",
+            "off",
             "--batch-size",
             "32",
             "--epochs",
@@ -83,7 +85,20 @@ def test_a_run_from_another_device_is_compared_within_the_tolerance(tmp_path, ca
     write_small_mnist(tmp_path)
     log = tmp_path / "recorded.jsonl"
     train.main(
-        ["--data-dir", str(tmp_path), "--batch-size", "32", "--steps", "6", "--log-every", "2", "--log-file", str(log)]
+        [
+            "--data-dir",
+            str(tmp_path),
+            "--verify-data",
+            "off",
+            "--batch-size",
+            "32",
+            "--steps",
+            "6",
+            "--log-every",
+            "2",
+            "--log-file",
+            str(log),
+        ]
     )
     records = [json.loads(line) for line in log.read_text().splitlines()]
     records[0]["device"] = "gpu"
@@ -96,13 +111,26 @@ def test_a_log_naming_an_unknown_model_is_refused_before_training(tmp_path, caps
     write_small_mnist(tmp_path)
     log = tmp_path / "recorded.jsonl"
     train.main(
-        ["--data-dir", str(tmp_path), "--batch-size", "32", "--steps", "2", "--log-every", "1", "--log-file", str(log)]
+        [
+            "--data-dir",
+            str(tmp_path),
+            "--verify-data",
+            "off",
+            "--batch-size",
+            "32",
+            "--steps",
+            "2",
+            "--log-every",
+            "1",
+            "--log-file",
+            str(log),
+        ]
     )
     records = [json.loads(line) for line in log.read_text().splitlines()]
     records[0]["config"]["model"] = "resnet"
     log.write_text("".join(json.dumps(r) + "\n" for r in records))
     with pytest.raises(SystemExit) as exit_:
-        train.main(["--reproduce", str(log), "--data-dir", str(tmp_path)])
+        train.main(["--reproduce", str(log), "--data-dir", str(tmp_path), "--verify-data", "off"])
     out, err = capsys.readouterr()
     assert exit_.value.code == 2 and "reproducing" not in out
     expected = f"{log} records --model 'resnet', not one of mlp, cnn, transformer: it is not a log of this program"

@@ -1,0 +1,292 @@
+"""Faults and bad input, as a careful user or a flaky machine meets them: every case ends in one clear
+line and exit 2 (or a clean interrupt), and leaves the data, checkpoint and log files as they were.
+An interrupted run, killed with SIGKILL or stopped with Ctrl-C, resumes to the uninterrupted run's
+log, line for line but for timings, and its weights, bit for bit."""
+
+import errno
+import hashlib
+import json
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import mlx.core as mx
+import pytest
+
+import checkpoint
+import train
+from tests.test_lm import make_text
+from tests.test_mnist import write_small_mnist
+
+REPO = Path(__file__).parents[1]
+SMALL = ["--batch-size", "32", "--epochs", "2", "--log-every", "1", "--verify-data", "off"]
+TIMINGS = {"samples_per_s", "tokens_per_s", "elapsed_s"}
+
+
+def snapshot(*folders):
+    """{path: sha256} of every file under `folders`: what a failed run must leave as it was."""
+    return {
+        str(p): hashlib.sha256(p.read_bytes()).hexdigest()
+        for folder in folders
+        for p in sorted(Path(folder).rglob("*"))
+        if p.is_file()
+    }
+
+
+def fails(capsys, argv):
+    """Run train.main(argv), which must exit 2 with exactly one line on stderr; return that line."""
+    capsys.readouterr()  # what ran before
+    with pytest.raises(SystemExit) as exit_:
+        train.main(argv)
+    shown = [line.split("\r")[-1] for line in capsys.readouterr().err.split("\n")]  # as a terminal shows it
+    err = [line for line in shown if line.strip()]
+    assert exit_.value.code == 2, err
+    assert len(err) == 1 and err[0].startswith("train.py: error: ") and "Traceback" not in err[0], err
+    return err[0]
+
+
+@pytest.fixture
+def mnist_dir(tmp_path):
+    write_small_mnist(tmp_path / "data")
+    return tmp_path / "data"
+
+
+def without_timings(records):
+    return [{k: v for k, v in r.items() if k not in TIMINGS} for r in records]
+
+
+def read_log(path):
+    return [json.loads(line) for line in Path(path).read_text().splitlines()]
+
+
+# ---------------------------------------------------------------------------------------
+# Never lose a run
+
+
+def test_a_fresh_run_never_overwrites_a_checkpoint_or_a_log(tmp_path, mnist_dir, capsys):
+    ckpt, log = tmp_path / "ckpt", tmp_path / "run.jsonl"
+    base = ["--data-dir", str(mnist_dir), *SMALL, "--steps", "3"]
+    train.main([*base, "--checkpoint-dir", str(ckpt), "--log-file", str(log)])
+    before = snapshot(ckpt, tmp_path / "run.jsonl")
+    error = fails(capsys, [*base, "--checkpoint-dir", str(ckpt)])
+    assert "holds a checkpoint: continue it with --resume" in error and "--overwrite" in error
+    error = fails(capsys, [*base, "--log-file", str(log)])
+    assert "exists: continue its run with --resume" in error and "--overwrite" in error
+    assert snapshot(ckpt, tmp_path / "run.jsonl") == before
+    train.main([*base, "--steps", "2", "--checkpoint-dir", str(ckpt), "--log-file", str(log), "--overwrite"])
+    assert json.loads((ckpt / "checkpoint.json").read_text())["step"] == 2 and len(read_log(log)) == 1 + 2 + 1
+
+
+def test_two_runs_cannot_share_a_checkpoint_folder(tmp_path, mnist_dir, capsys):
+    ckpt = tmp_path / "ckpt"
+    held = checkpoint.claim(ckpt, resume=False, overwrite=False)  # another run holds the folder
+    error = fails(capsys, ["--data-dir", str(mnist_dir), *SMALL, "--checkpoint-dir", str(ckpt)])
+    assert "is in use by another train.py (pid" in error and not (ckpt / "checkpoint.safetensors").exists()
+    held.close()  # the lock goes with the process or its file, so a killed run never leaves it stuck
+    train.main(["--data-dir", str(mnist_dir), *SMALL, "--steps", "2", "--checkpoint-dir", str(ckpt)])
+
+
+@pytest.mark.parametrize("which", ["--log-file", "--checkpoint-dir"])
+def test_an_output_that_cannot_be_written_is_refused_before_training(tmp_path, mnist_dir, capsys, which):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    start = time.perf_counter()
+    error = fails(capsys, ["--data-dir", str(mnist_dir), *SMALL, which, str(blocker / "inside")])
+    assert f"cannot {'write' if which == '--log-file' else 'use'} {which} {blocker / 'inside'}" in error
+    assert time.perf_counter() - start < 10 and blocker.read_text() == "not a folder"
+
+
+def test_a_full_disk_keeps_the_last_checkpoint_and_leaves_no_temporary_files(tmp_path, mnist_dir, capsys, monkeypatch):
+    ckpt = tmp_path / "ckpt"
+    base = ["--data-dir", str(mnist_dir), *SMALL, "--checkpoint-dir", str(ckpt), "--checkpoint-every", "2"]
+    train.main([*base, "--steps", "2"])
+    before = snapshot(ckpt)
+    real_save = mx.save_safetensors
+
+    def full(path, *args, **kwargs):
+        Path(path).write_bytes(b"partial")  # what a full disk leaves: part of a file
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(mx, "save_safetensors", full)
+    error = fails(capsys, [*base, "--resume", "--steps", "4"])
+    assert "cannot write a checkpoint" in error and "No space left on device" in error and "intact" in error
+    monkeypatch.setattr(mx, "save_safetensors", real_save)
+    after = snapshot(ckpt)
+    assert {k: v for k, v in after.items() if not k.endswith(".lock")} == {
+        k: v for k, v in before.items() if not k.endswith(".lock")
+    }
+
+
+def test_a_full_disk_under_the_log_leaves_no_half_line(tmp_path, mnist_dir, capsys):
+    error = fails(capsys, ["--data-dir", str(mnist_dir), *SMALL, "--log-file", "/dev/full"])
+    assert "cannot write --log-file /dev/full (No space left on device)" in error
+
+
+@pytest.mark.parametrize("lr", ["inf", "nan", "1e6"])
+def test_a_diverging_run_stops_and_never_saves_what_diverged(tmp_path, mnist_dir, capsys, lr):
+    ckpt = tmp_path / "ckpt"
+    argv = ["--data-dir", str(mnist_dir), *SMALL, "--optimizer", "sgd", "--checkpoint-dir", str(ckpt)]
+    if lr != "1e6":
+        assert f"--lr must be a finite number, got {lr}" in fails(capsys, [*argv, "--lr", lr])
+        return
+    train.main([*argv, "--lr", "0.05", "--steps", "3", "--checkpoint-every", "1"])
+    error = fails(capsys, [*argv, "--lr", lr, "--checkpoint-every", "1", "--overwrite"])
+    assert "training diverged" in error and "the last good checkpoint" in error
+    saved = mx.load(str(ckpt / "checkpoint.safetensors"))
+    assert checkpoint.all_finite(saved.values())
+
+
+def test_a_checkpoint_with_edited_metadata_is_not_ours(tmp_path, mnist_dir, capsys):
+    ckpt = tmp_path / "ckpt"
+    base = ["--data-dir", str(mnist_dir), *SMALL, "--checkpoint-dir", str(ckpt)]
+    train.main([*base, "--steps", "2"])
+    arrays, metadata = mx.load(str(ckpt / "checkpoint.safetensors"), return_metadata=True)
+    for run_state in ['{"format": 2}', '{"format": 2, "step": "two", "epoch": 0, "batch": 2, "config": {}}', "[1]"]:
+        mx.save_safetensors(str(ckpt / "checkpoint.safetensors"), arrays, metadata={"run_state": run_state})
+        assert "is not a checkpoint of this program" in fails(capsys, [*base, "--resume"])
+    mx.save_safetensors(str(ckpt / "checkpoint.safetensors"), arrays)  # no metadata at all
+    assert "is not a checkpoint of this program" in fails(capsys, [*base, "--resume"])
+
+
+# ---------------------------------------------------------------------------------------
+# Bad input
+
+
+def test_a_local_data_file_of_other_content_is_refused(tmp_path, mnist_dir, capsys):
+    """Valid IDX files that are not the originals (here: the tests' own) are checked by sha256."""
+    before = snapshot(mnist_dir)
+    error = fails(capsys, ["--data-dir", str(mnist_dir), "--batch-size", "32", "--steps", "1"])
+    assert "is not the original file (sha256" in error and "--verify-data off" in error
+    assert snapshot(mnist_dir) == before
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [(b"caf\xe9 au lait\n" * 50, "is not UTF-8 text (byte 3"), (b"\x7fELF\x02\x01\x00\x00" * 100, "is not text")],
+    ids=["latin-1", "binary"],
+)
+def test_text_that_cannot_be_read_is_one_line(tmp_path, capsys, content, message):
+    path = tmp_path / "corpus.txt"
+    path.write_bytes(content)
+    error = fails(capsys, ["--task", "lm", "--dataset", str(path), "--cache-dir", str(tmp_path / "cache")])
+    assert message in error and str(path) in error
+
+
+def test_a_damaged_or_unwritable_tokenizer_cache_is_rebuilt_or_bypassed(tmp_path, capsys):
+    from data import text
+
+    corpus = make_text()
+    cache = tmp_path / "cache"
+    sp = text.tokenizer(corpus, 300, "bpe", cache)
+    (entry,) = cache.iterdir()
+    entry.write_bytes(b"garbage")  # damaged: trained again and replaced
+    assert text.tokenizer(corpus, 300, "bpe", cache).encode(corpus) == sp.encode(corpus)
+    assert entry.read_bytes() != b"garbage"
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")  # a file where the cache folder should be: trained, used, not cached
+    assert text.tokenizer(corpus, 300, "bpe", blocker).encode(corpus) == sp.encode(corpus)
+    assert "tokenizer not cached" in capsys.readouterr().err
+
+
+def test_a_batch_that_cannot_fit_in_memory_is_refused_with_the_estimate(tmp_path, capsys):
+    (tmp_path / "corpus.txt").write_text(make_text())
+    argv = [
+        "--task",
+        "lm",
+        "--dataset",
+        str(tmp_path / "corpus.txt"),
+        "--cache-dir",
+        str(tmp_path / "cache"),
+        "--vocab-size",
+        "300",
+    ]
+    error = fails(capsys, [*argv, "--batch-size", "100000"])
+    assert "--batch-size 100000 needs about" in error and "GiB available: use a smaller --batch-size" in error
+
+
+# ---------------------------------------------------------------------------------------
+# Interrupted runs resume exactly
+
+
+def run_cli(args, **kwargs):
+    return subprocess.Popen(
+        [sys.executable, "train.py", *args],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        **kwargs,
+    )
+
+
+def wait_for_lines(log, count, process, timeout=120):
+    start = time.perf_counter()
+    while time.perf_counter() - start < timeout and process.poll() is None:
+        if log.exists() and len(log.read_text().splitlines()) >= count:
+            return True
+        time.sleep(0.02)
+    return False
+
+
+def final_state(ckpt):
+    return {k: v for k, v in mx.load(str(ckpt / "checkpoint.safetensors")).items()}
+
+
+@pytest.fixture
+def uninterrupted(tmp_path, mnist_dir):
+    """The run the interrupted ones must equal: its log without timings and its final checkpoint."""
+    ckpt, log = tmp_path / "whole", tmp_path / "whole.jsonl"
+    args = ["--data-dir", str(mnist_dir), *SMALL, "--epochs", "3", "--checkpoint-every", "3"]
+    train.main([*args, "--checkpoint-dir", str(ckpt), "--log-file", str(log)])
+    return args, without_timings(read_log(log)), final_state(ckpt)
+
+
+def assert_same_run(log, ckpt, uninterrupted):
+    _, records, arrays = uninterrupted
+    got = without_timings(read_log(log))
+    assert got[1:] == records[1:], "the resumed log differs from the uninterrupted one"
+    final = final_state(ckpt)
+    assert final.keys() == arrays.keys() and all(mx.array_equal(final[k], arrays[k]) for k in final)
+
+
+def test_ctrl_c_saves_and_the_resumed_run_equals_the_uninterrupted_one(tmp_path, uninterrupted):
+    args, records, _ = uninterrupted
+    ckpt, log = tmp_path / "ckpt", tmp_path / "run.jsonl"
+    run = [*args, "--checkpoint-dir", str(ckpt), "--log-file", str(log)]
+    process = run_cli(run)
+    assert wait_for_lines(log, 8, process), process.communicate()
+    process.send_signal(signal.SIGINT)
+    out, err = process.communicate(timeout=120)
+    assert process.returncode == 130 and "Traceback" not in err, err
+    assert "stopped by SIGINT at step" in err and "--resume" in err
+    done = run_cli([*run, "--resume"])
+    out, err = done.communicate(timeout=300)
+    assert done.returncode == 0, err
+    assert_same_run(log, ckpt, uninterrupted)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_kill_9_at_random_moments_then_resume_gives_the_uninterrupted_run(tmp_path, uninterrupted, seed):
+    args, records, _ = uninterrupted
+    ckpt, log = tmp_path / "ckpt", tmp_path / "run.jsonl"
+    run = [*args, "--checkpoint-dir", str(ckpt), "--log-file", str(log)]
+    rng = random.Random(seed)
+    for _ in range(3):  # kills
+        process = run_cli(run + (["--resume"] if (ckpt / "checkpoint.safetensors").exists() else []))
+        lines = len(log.read_text().splitlines()) if log.exists() else 0
+        if not wait_for_lines(log, lines + rng.randint(2, 6), process):
+            break  # it finished before this kill
+        time.sleep(rng.random() * 0.2)
+        process.kill()
+        process.communicate()
+    done = run_cli(run + (["--resume"] if (ckpt / "checkpoint.safetensors").exists() else []))
+    out, err = done.communicate(timeout=300)
+    assert done.returncode == 0, err
+    assert not list(ckpt.glob(".checkpoint.tmp*"))
+    assert json.loads((ckpt / "checkpoint.json").read_text()) == json.loads(
+        mx.load(str(ckpt / "checkpoint.safetensors"), return_metadata=True)[1]["run_state"]
+    )
+    assert_same_run(log, ckpt, uninterrupted)
