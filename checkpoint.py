@@ -35,6 +35,10 @@ def claim(directory, resume: bool, overwrite: bool):
     Returns the open lock file; keep it for the whole run (closing it releases the folder).
     """
     directory = Path(directory)
+    if resume and not (directory / FILES[0]).exists():
+        raise CheckpointError(
+            f"no checkpoint in {directory}: drop --resume, or point --checkpoint-dir at a run's folder"
+        )
     try:
         directory.mkdir(parents=True, exist_ok=True)
         lock = open(directory / ".lock", "a+")
@@ -52,10 +56,6 @@ def claim(directory, resume: bool, overwrite: bool):
             f"--checkpoint-dir {directory} is in use by another train.py ({owner}): give each run its own folder"
         ) from None
     try:
-        lock.seek(0)
-        lock.truncate()
-        lock.write(f"pid {os.getpid()}\n")
-        lock.flush()
         for stale in directory.glob(".checkpoint.tmp*"):  # a save that was killed halfway; the lock says it is over
             stale.unlink()
         exists = (directory / FILES[0]).exists()
@@ -67,10 +67,10 @@ def claim(directory, resume: bool, overwrite: bool):
                 f"--checkpoint-dir {directory} holds a checkpoint: continue it with --resume, start over with "
                 "--overwrite, or use a new --checkpoint-dir"
             )
-        if resume and not exists:
-            raise CheckpointError(
-                f"no checkpoint in {directory}: drop --resume, or point --checkpoint-dir at a run's folder"
-            )
+        lock.seek(0)
+        lock.truncate()
+        lock.write(f"pid {os.getpid()}\n")
+        lock.flush()
     except (CheckpointError, OSError) as e:
         lock.close()  # refused: the folder stays free
         if isinstance(e, OSError):

@@ -155,6 +155,44 @@ def test_a_checkpoint_with_edited_metadata_is_not_ours(tmp_path, mnist_dir, caps
 # Bad input
 
 
+CORPUS = [  # (arguments after --data-dir, a fragment of the one line they must give)
+    (["--lr", "0"], "--lr must be > 0"),
+    (["--lr", "nan"], "--lr must be a finite number"),
+    (["--eps", "inf"], "--eps must be a finite number"),
+    (["--epochs", "0"], "--epochs must be > 0"),
+    (["--steps", "-3"], "--steps must be > 0"),
+    (["--batch-size", "0"], "--batch-size must be > 0"),
+    (["--log-every", "0"], "--log-every must be > 0"),
+    (["--checkpoint-every", "0"], "--checkpoint-every must be > 0"),
+    (["--warmup", "-1"], "--warmup must be >= 0"),
+    (["--dropout", "1"], "--dropout must be in [0, 1)"),
+    (["--augment-shift", "-2"], "--augment-shift must be >= 0"),
+    (["--blas-threads", "0"], "--blas-threads must be > 0"),
+    (["--weight-decay", "0.1", "--optimizer", "adam"], "adam has no weight decay"),
+    (["--lr-decay", "0.1", "--optimizer", "sgd"], "is an option of --optimizer adagrad"),
+    (["--l1", "0.1", "--optimizer", "adamw"], "--l1 is an option of --optimizer adagrad or adagrad-da"),
+    (["--rowwise-embeddings"], "needs a model with embedding tables"),
+    (["--model", "transformer"], "does not fit --task mnist"),
+    (["--task", "lm", "--model", "cnn"], "does not fit --task lm"),
+    (["--dataset", "cifar10"], "is not an image dataset"),
+    (["--task", "lm", "--dim", "100", "--heads", "3"], "must be a multiple of --heads"),
+    (["--task", "lm", "--dataset", "no/such/file.txt"], "does not exist"),
+    (["--resume"], "--resume needs --checkpoint-dir"),
+    (["--resume", "--checkpoint-dir", "{tmp}/empty"], "no checkpoint in"),
+    (["--reproduce", "{tmp}/missing.jsonl"], "is not a log written by train.py"),
+    (["--batch-size", "3", "--streams", "4"], "is smaller than the 1 process(es) x 4 stream(s)"),
+]
+
+
+@pytest.mark.parametrize("args, message", CORPUS, ids=[" ".join(a) for a, _ in CORPUS])
+def test_the_command_line_corpus_gives_one_line_and_touches_nothing(tmp_path, mnist_dir, capsys, args, message):
+    args = [a.replace("{tmp}", str(tmp_path)) for a in args]
+    before = snapshot(tmp_path)
+    error = fails(capsys, ["--data-dir", str(mnist_dir), "--verify-data", "off", *args])
+    assert message in error, error
+    assert snapshot(tmp_path) == before
+
+
 def test_a_local_data_file_of_other_content_is_refused(tmp_path, mnist_dir, capsys):
     """Valid IDX files that are not the originals (here: the tests' own) are checked by sha256."""
     before = snapshot(mnist_dir)
@@ -252,37 +290,44 @@ def assert_same_run(log, ckpt, uninterrupted):
     assert final.keys() == arrays.keys() and all(mx.array_equal(final[k], arrays[k]) for k in final)
 
 
-def test_ctrl_c_saves_and_the_resumed_run_equals_the_uninterrupted_one(tmp_path, uninterrupted):
+@pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_a_stop_signal_saves_and_the_resumed_run_equals_the_uninterrupted_one(tmp_path, uninterrupted, stop):
     args, records, _ = uninterrupted
     ckpt, log = tmp_path / "ckpt", tmp_path / "run.jsonl"
     run = [*args, "--checkpoint-dir", str(ckpt), "--log-file", str(log)]
     process = run_cli(run)
     assert wait_for_lines(log, 8, process), process.communicate()
-    process.send_signal(signal.SIGINT)
+    process.send_signal(stop)
     out, err = process.communicate(timeout=120)
-    assert process.returncode == 130 and "Traceback" not in err, err
-    assert "stopped by SIGINT at step" in err and "--resume" in err
+    assert process.returncode == 128 + stop and "Traceback" not in err, err
+    assert f"stopped by {stop.name} at step" in err and "--resume" in err
     done = run_cli([*run, "--resume"])
     out, err = done.communicate(timeout=300)
     assert done.returncode == 0, err
     assert_same_run(log, ckpt, uninterrupted)
 
 
-@pytest.mark.parametrize("seed", [0, 1])
+def again(ckpt):
+    """What a user runs next: --resume once there is a checkpoint; before the first one, the run starts over
+    (its log is refused without --overwrite)."""
+    return ["--resume"] if (ckpt / "checkpoint.safetensors").exists() else ["--overwrite"]
+
+
+@pytest.mark.parametrize("seed", [0, 1, *[pytest.param(seed, marks=pytest.mark.slow) for seed in range(2, 12)]])
 def test_kill_9_at_random_moments_then_resume_gives_the_uninterrupted_run(tmp_path, uninterrupted, seed):
     args, records, _ = uninterrupted
     ckpt, log = tmp_path / "ckpt", tmp_path / "run.jsonl"
     run = [*args, "--checkpoint-dir", str(ckpt), "--log-file", str(log)]
     rng = random.Random(seed)
     for _ in range(3):  # kills
-        process = run_cli(run + (["--resume"] if (ckpt / "checkpoint.safetensors").exists() else []))
+        process = run_cli(run + again(ckpt))
         lines = len(log.read_text().splitlines()) if log.exists() else 0
         if not wait_for_lines(log, lines + rng.randint(2, 6), process):
             break  # it finished before this kill
         time.sleep(rng.random() * 0.2)
         process.kill()
         process.communicate()
-    done = run_cli(run + (["--resume"] if (ckpt / "checkpoint.safetensors").exists() else []))
+    done = run_cli(run + again(ckpt))
     out, err = done.communicate(timeout=300)
     assert done.returncode == 0, err
     assert not list(ckpt.glob(".checkpoint.tmp*"))
