@@ -102,6 +102,10 @@ Saving and resuming::
     optimizer = Adagrad(0.05)
     optimizer.state = tree_unflatten(list(mx.load("opt.safetensors").items()))
 
+Embedding tables: ``SparseEmbedding`` (instead of ``nn.Embedding``), ``sparse_value_and_grad``
+and ``Adagrad.update_rows`` update only the rows a batch looked up, bit for bit as the dense
+update does them, at a cost set by the batch, not the table (see SparseEmbedding).
+
 A state saved by ``mlx.optimizers.Adagrad`` for float16 / bfloat16 parameters holds ``v``
 in that dtype; loaded here, it is converted to ``state_dtype`` at the first update. The
 optimizer can be copied with ``copy.deepcopy`` and, with a float learning rate, pickled.
@@ -111,6 +115,7 @@ import math
 from collections.abc import Callable
 
 import mlx.core as mx
+import mlx.nn as nn
 from mlx.optimizers import Optimizer
 from mlx.utils import tree_flatten
 
@@ -230,3 +235,145 @@ class Adagrad(Optimizer):
             v = v.astype(self._state_dtype(parameter))
         parameter, state[key] = self._update[key == "v_row"](parameter, gradient, v, lr)
         return parameter
+
+    # -----------------------------------------------------------------------------------
+    # Sparse updates: only the rows of a table that a batch looked up (see SparseEmbedding)
+
+    def init_rows(self, model: nn.Module, path: str):
+        """Create the state of the table at `path` (a frozen SparseEmbedding's weight, which
+        ``init(model.trainable_parameters())`` skips). Call it before compiling, as ``init``."""
+        table = _get(model, path)
+        state = _branch(self.state, path)
+        key = path.rsplit(".", 1)[-1]
+        if key not in state:
+            state[key] = {}
+            if self.rowwise is not None and self.rowwise(path, table):
+                rows = (table.shape[0],) + (1,) * (table.ndim - 1)
+                state[key]["v_row"] = mx.full(rows, self.initial_accumulator_value, self._state_dtype(table))
+            else:
+                self.init_single(table, state[key])
+
+    def update_rows(self, model: nn.Module, path: str, ids: mx.array, row_gradients: mx.array):
+        """Adagrad on the rows of the table at `path` that `ids` name, given the gradient with
+        respect to those looked-up rows (``row_gradients[i]`` for ``ids[i]``, duplicates allowed).
+
+        Equal to the dense update on the touched rows, bit for bit: duplicates are summed first,
+        in the order they come, as the dense gradient sums them. Untouched rows and their state
+        are left as they are. The plain update of a float32 table adds into the table and its
+        state in place, at a cost set by ``ids.size``, not by the table's size. With
+        weight_decay, l1 or l2 (applied to the touched rows only, where the dense update applies
+        them to every row; PyTorch's sparse Adagrad rejects weight decay), or a float16/bfloat16
+        table, the new rows are computed from the old ones and written back, which rewrites the
+        table: the same result, at a cost that grows with it. Call it after
+        ``update(model, grads)``, which advances the step.
+        """
+        self.init_rows(model, path)
+        table, state = _get(model, path), _get(self.state, path)
+        ids = ids.reshape(-1)
+        slot, slot_ids = _runs(ids)
+        totals = mx.zeros((ids.size, *table.shape[1:]), row_gradients.dtype)
+        totals = totals.at[slot].add(row_gradients.reshape(ids.size, *table.shape[1:]))  # a slot per distinct id
+        lr = self.learning_rate
+        if self.lr_decay:
+            lr = lr / (1 + (self.step - 1).astype(lr.dtype) * self.lr_decay)
+        key = "v_row" if "v_row" in state else "v"
+        v = state[key]
+        if self.weight_decay or self.l1 or self.l2 or table.dtype != mx.float32 or v.dtype != mx.float32:
+            g = totals[slot]  # each entry's id's total: duplicates write the same rows
+            v_rows = v[ids].astype(self._state_dtype(table))
+            rows, v_rows = self._update[key == "v_row"](table[ids], g, v_rows, lr)
+            table[ids], v[ids] = rows, v_rows
+        else:
+            # Slots past the distinct ids hold zeros and point at row 0: adding zero changes nothing.
+            square = mx.square(totals)
+            if key == "v_row":
+                square = square.mean(axis=tuple(range(1, square.ndim)), keepdims=True)
+            v = v.at[slot_ids].add(square)  # reads nothing from v first, so MLX updates it in place
+            v_rows = v[slot_ids]
+            denominator = mx.sqrt(v_rows + self.eps) if self.eps_inside_sqrt else mx.sqrt(v_rows) + self.eps
+            table = table.at[slot_ids].subtract(lr.astype(mx.float32) * totals / denominator)
+        state[key] = v
+        _branch(model, path)[path.rsplit(".", 1)[-1]] = table
+
+
+def _runs(ids: mx.array):
+    """(slot, slot_ids): each entry's slot, one slot per distinct id numbered in id order, and the
+    id of each slot (0 for the slots past the distinct ids). Static shapes, so it compiles."""
+    order = mx.argsort(ids)
+    sorted_ids = ids[order]
+    starts = mx.concatenate([mx.array([True]), sorted_ids[1:] != sorted_ids[:-1]])
+    run = mx.cumsum(starts.astype(mx.int32)) - 1  # the run of equal ids each sorted entry is in
+    slot = mx.zeros_like(run).at[order].add(run)  # the same, for each entry in its own place
+    slot_ids = mx.zeros_like(ids).at[run].add(mx.where(starts, sorted_ids, 0))
+    return slot, slot_ids
+
+
+def sum_duplicate_rows(ids: mx.array, row_gradients: mx.array) -> mx.array:
+    """For each entry i, the sum of ``row_gradients[j]`` over every j with ``ids[j] == ids[i]``,
+    added in the entries' own order (as a dense gradient's scatter-add adds them)."""
+    slot, _ = _runs(ids)
+    return mx.zeros(row_gradients.shape, row_gradients.dtype).at[slot].add(row_gradients)[slot]
+
+
+def _branch(tree, path: str):
+    """The dict or list holding the leaf at dotted `path` (modules are dicts)."""
+    for key in path.split(".")[:-1]:
+        if isinstance(tree, list):
+            tree = tree[int(key)]
+        else:
+            tree = tree.setdefault(key, {}) if isinstance(tree, dict) and not isinstance(tree, nn.Module) else tree[key]
+    return tree
+
+
+def _get(tree, path: str):
+    branch, key = _branch(tree, path), path.rsplit(".", 1)[-1]
+    return branch[int(key)] if isinstance(branch, list) else branch[key]
+
+
+class SparseEmbedding(nn.Embedding):
+    """nn.Embedding whose table Adagrad updates only where a batch looked it up.
+
+    MLX differentiates parameters densely: nn.Embedding's gradient is a (rows, dim) array, mostly
+    zeros, and the optimizer then reads and writes the whole table and its state every step. This
+    layer's table is frozen (no dense gradient); the step differentiates the looked-up rows
+    instead, and ``Adagrad.update_rows`` applies them. Its call passes rows through, so a model
+    built on it runs from tokens or from rows::
+
+        model.embedding = SparseEmbedding(num_embeddings, dims)      # instead of nn.Embedding
+        optimizer.init(model.trainable_parameters())
+        optimizer.init_rows(model, "embedding.weight")
+
+        def step(tokens, targets):                                   # compile it over the full state
+            rows = model.embedding(tokens)                           # the lookup, not differentiated
+            loss, grads, row_grads = sparse_value_and_grad(model, loss_fn)(rows, targets)
+            optimizer.update(model, grads)                           # every other parameter
+            optimizer.update_rows(model, "embedding.weight", tokens, row_grads)
+            return loss
+
+    A tied output layer (``as_linear``) would get no gradient from a frozen table: give the model
+    an output layer of its own.
+    """
+
+    def __init__(self, num_embeddings: int, dims: int):
+        super().__init__(num_embeddings, dims)
+        self.freeze()
+
+    def __call__(self, x):
+        return x if mx.issubdtype(x.dtype, mx.floating) else self.weight[x]
+
+
+def sparse_value_and_grad(model: nn.Module, fn: Callable):
+    """``nn.value_and_grad`` for ``fn(model, rows, *args)`` whose ``rows`` were looked up by a
+    SparseEmbedding: returns a function of ``(rows, *args)`` giving (value, grads, row_grads)."""
+
+    def inner(parameters, rows, *args):
+        model.update(parameters)
+        return fn(model, rows, *args)
+
+    value_and_grad = mx.value_and_grad(inner, argnums=(0, 1))
+
+    def wrapped(rows, *args):
+        value, (grads, row_grads) = value_and_grad(model.trainable_parameters(), rows, *args)
+        return value, grads, row_grads
+
+    return wrapped

@@ -1,0 +1,179 @@
+"""Sparse embedding updates (adagrad.py: SparseEmbedding, update_rows): equal to the dense update on the
+rows a batch touched, the other rows left exactly as they were; compiled, saved and resumed."""
+
+from functools import partial
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+import pytest
+from mlx.utils import tree_flatten, tree_unflatten
+
+from adagrad import Adagrad, SparseEmbedding, sparse_value_and_grad, sum_duplicate_rows
+
+ROWS, DIM = 50, 6
+
+
+def batches(steps, seed=0):
+    """Ids with heavy repeats (some ids 3-6 times a batch, most rows never) and their row gradients."""
+    rng = np.random.default_rng(seed)
+    for _ in range(steps):
+        ids = rng.choice(20, 24, p=np.arange(20, 0, -1) / 210)  # Zipf-like over the first 20 rows
+        yield mx.array(ids, mx.int32), mx.array(rng.standard_normal((24, DIM)), mx.float32)
+
+
+class Holder(nn.Module):
+    def __init__(self, table, sparse):
+        super().__init__()
+        self.embedding = SparseEmbedding(ROWS, DIM) if sparse else nn.Embedding(ROWS, DIM)
+        self.embedding.weight = mx.array(table)
+
+
+def run(options, sparse, compiled=False, steps=4, rowwise=False):
+    """The table and its state after `steps` updates, sparse or dense."""
+    table = np.random.default_rng(1).standard_normal((ROWS, DIM)).astype(np.float32)
+    model = Holder(table, sparse)
+    optimizer = Adagrad(optim_schedule(), rowwise=(lambda path, p: True) if rowwise else None, **options)
+    if sparse:
+        optimizer.init(model.trainable_parameters())
+        optimizer.init_rows(model, "embedding.weight")
+    else:
+        optimizer.init(model.trainable_parameters())
+    state = [model.state, optimizer.state]
+
+    def step(ids, row_grads):
+        if sparse:
+            optimizer.update(model, {})  # no other parameters: this only advances the step
+            optimizer.update_rows(model, "embedding.weight", ids, row_grads)
+        else:  # the gradient MLX gives nn.Embedding's table: a scatter-add of the row gradients into zeros
+            grad = mx.grad(lambda w: (w[ids] * row_grads).sum())(model.embedding.weight)
+            optimizer.update(model, {"embedding": {"weight": grad}})
+
+    if compiled:
+        step = partial(mx.compile, inputs=state, outputs=state)(step)
+    touched = set()
+    for ids, row_grads in batches(steps):
+        step(ids, row_grads)
+        mx.eval(state)
+        touched |= set(np.array(ids).tolist())
+    v = optimizer.state["embedding"]["weight"]
+    return np.array(model.embedding.weight), np.array(v.get("v", v.get("v_row"))), sorted(touched), table
+
+
+def optim_schedule():
+    return lambda step: 0.1 / mx.sqrt(step.astype(mx.float32) + 1)  # a schedule, so the step count matters
+
+
+def test_sum_duplicate_rows_matches_numpy():
+    ids = mx.array([3, 1, 3, 7, 1, 3, 0], mx.int32)
+    grads = mx.arange(7 * 2, dtype=mx.float32).reshape(7, 2)
+    got = np.array(sum_duplicate_rows(ids, grads))
+    expected = np.stack([np.array(grads)[np.array(ids) == i].sum(0) for i in np.array(ids)])
+    np.testing.assert_array_equal(got, expected)
+
+
+PLAIN = [dict(), dict(initial_accumulator_value=0.1, lr_decay=0.05), dict(eps_inside_sqrt=True, eps=1e-7)]
+
+
+@pytest.mark.parametrize("options", PLAIN, ids=["defaults", "torch-options", "optax-form"])
+@pytest.mark.parametrize("rowwise", [False, True], ids=["elementwise", "rowwise"])
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_sparse_equals_dense_bit_for_bit(options, rowwise, compiled):
+    # The same operations on the touched rows: the duplicates summed in their own order, as the dense
+    # gradient's scatter-add sums them, then the same elementwise update. A row with no gradient is
+    # unchanged by the dense update too (v += 0, w -= 0), so the whole table must match.
+    dense_w, dense_v, touched, table = run(options, sparse=False, compiled=compiled, rowwise=rowwise)
+    sparse_w, sparse_v, _, _ = run(options, sparse=True, compiled=compiled, rowwise=rowwise)
+    np.testing.assert_array_equal(sparse_w, dense_w)
+    np.testing.assert_array_equal(sparse_v, dense_v)
+    assert len(touched) < ROWS and not np.array_equal(sparse_w[touched], table[touched])
+
+
+@pytest.mark.parametrize("options", [dict(weight_decay=0.1), dict(l1=0.05, l2=0.1)], ids=["weight-decay", "prox"])
+@pytest.mark.parametrize("rowwise", [False, True], ids=["elementwise", "rowwise"])
+def test_with_decay_or_prox_untouched_rows_stay_and_touched_ones_match_the_dense_update(options, rowwise):
+    """One step from the same start: the touched rows as the dense update computes them; the others,
+    which the dense update would decay or shrink, exactly as they were."""
+    dense_w, dense_v, touched, table = run(options, sparse=False, steps=1, rowwise=rowwise)
+    sparse_w, sparse_v, _, _ = run(options, sparse=True, steps=1, rowwise=rowwise)
+    untouched = sorted(set(range(ROWS)) - set(touched))
+    np.testing.assert_array_equal(sparse_w[touched], dense_w[touched])
+    np.testing.assert_array_equal(sparse_v[touched], dense_v[touched])
+    np.testing.assert_array_equal(sparse_w[untouched], table[untouched])
+    assert not np.array_equal(dense_w[untouched], table[untouched])  # where the two differ, by design
+
+
+class TinyLM(nn.Module):
+    """Embedding, a dense layer, its own output layer (untied)."""
+
+    def __init__(self, sparse):
+        super().__init__()
+        self.embedding = SparseEmbedding(ROWS, DIM) if sparse else nn.Embedding(ROWS, DIM)
+        self.hidden = nn.Linear(DIM, DIM)
+        self.out = nn.Linear(DIM, ROWS)
+
+    def __call__(self, tokens):
+        return self.out(nn.relu(self.hidden(self.embedding(tokens))))
+
+
+def loss_fn(model, tokens, targets):
+    return nn.losses.cross_entropy(model(tokens), targets, reduction="mean")
+
+
+def train_lm(sparse, steps, compiled=True, model=None, optimizer=None, start=0):
+    if model is None:
+        mx.random.seed(0)
+        model, optimizer = TinyLM(sparse), Adagrad(0.1)
+        optimizer.init(model.trainable_parameters())
+        if sparse:
+            optimizer.init_rows(model, "embedding.weight")
+    state = [model.state, optimizer.state, mx.random.state]
+
+    def step(tokens, targets):
+        if sparse:
+            rows = model.embedding(tokens)
+            loss, grads, row_grads = sparse_value_and_grad(model, loss_fn)(rows, targets)
+            optimizer.update(model, grads)
+            optimizer.update_rows(model, "embedding.weight", tokens, row_grads)
+        else:
+            loss, grads = nn.value_and_grad(model, loss_fn)(model, tokens, targets)
+            optimizer.update(model, grads)
+        return loss
+
+    if compiled:
+        step = partial(mx.compile, inputs=state, outputs=state)(step)
+    losses = []
+    for ids, _ in list(batches(start + steps))[start:]:
+        tokens = ids.reshape(4, 6)
+        loss = step(tokens, (tokens * 7 + 3) % ROWS)
+        mx.eval(loss, state)
+        losses.append(loss.item())
+    return losses, model, optimizer
+
+
+def flat(model, optimizer):
+    return dict(tree_flatten(model.parameters())) | {f"opt.{k}": v for k, v in tree_flatten(optimizer.state)}
+
+
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_a_model_trains_the_same_with_a_sparse_embedding(compiled):
+    dense_losses, dense_model, dense_opt = train_lm(False, 6, compiled)
+    sparse_losses, sparse_model, sparse_opt = train_lm(True, 6, compiled)
+    assert sparse_losses == dense_losses and sparse_losses[-1] < sparse_losses[0]
+    dense, sparse = flat(dense_model, dense_opt), flat(sparse_model, sparse_opt)
+    assert dense.keys() == sparse.keys() and all(mx.array_equal(dense[k], sparse[k]) for k in dense)
+
+
+def test_save_and_resume_is_bit_exact(tmp_path):
+    whole, whole_model, whole_opt = train_lm(True, 6)
+    first, model, optimizer = train_lm(True, 3)
+    mx.save_safetensors(str(tmp_path / "model.safetensors"), dict(tree_flatten(model.parameters())))
+    mx.save_safetensors(str(tmp_path / "opt.safetensors"), dict(tree_flatten(optimizer.state)))
+    mx.random.seed(5)  # other initial weights: the load must replace them all
+    resumed_model, resumed_opt = TinyLM(True), Adagrad(0.1)
+    resumed_model.update(tree_unflatten(list(mx.load(str(tmp_path / "model.safetensors")).items())))
+    resumed_opt.state = tree_unflatten(list(mx.load(str(tmp_path / "opt.safetensors")).items()))
+    rest, resumed_model, resumed_opt = train_lm(True, 3, model=resumed_model, optimizer=resumed_opt, start=3)
+    assert first + rest == whole
+    expected, got = flat(whole_model, whole_opt), flat(resumed_model, resumed_opt)
+    assert expected.keys() == got.keys() and all(mx.array_equal(expected[k], got[k]) for k in got)
