@@ -67,6 +67,9 @@ def setup_lm(args, cpu_ops):
         args.positions,
         args.softmax,
         cpu_ops,
+        tied=not args.untied,
+        sparse_embedding=args.sparse_embeddings,
+        hash_buckets=args.hash_buckets,
     )
 
     def evaluate(model, final=False):

@@ -37,7 +37,7 @@ import checkpoint
 import cpu_tuning
 import reproduce
 import tasks
-from adagrad import Adagrad
+from adagrad import Adagrad, sparse_value_and_grad
 from adagrad_da import AdagradDA
 from data import DataError, default_data_dir, mnist
 from runlog import JsonlLog, LogError
@@ -104,6 +104,8 @@ def build_parser():
     p.add_argument("--l1", type=float, default=0.0, help="adagrad: proximal L1; adagrad-da: its L1 (default 0)")
     p.add_argument("--l2", type=float, default=0.0, help="adagrad, adagrad-da: proximal L2 (default 0)")
     p.add_argument("--rowwise-embeddings", action="store_true", help="adagrad: one accumulator per embedding row")
+    p.add_argument("--sparse-embeddings", action="store_true", help="adagrad, lm: update only the input embedding "
+                   "rows a batch looked up (adagrad.SparseEmbedding); implies --untied")
     p.add_argument("--schedule", choices=["constant", "cosine"], default="cosine", help="over --epochs (cosine)")
     p.add_argument("--warmup", type=int, default=0, help="linear warmup steps (default 0)")
     p.add_argument("--batch-size", type=int, help=f"default: {recipe_defaults('batch_size')}")
@@ -144,6 +146,8 @@ def build_parser():
     lm.add_argument("--heads", type=int, default=4, help="attention heads (default 4)")
     lm.add_argument("--context", type=int, default=64, help="tokens per training window (default 64)")
     lm.add_argument("--positions", choices=["rope", "learned"], default="rope")
+    lm.add_argument("--untied", action="store_true", help="give the output layer its own word vectors")
+    lm.add_argument("--hash-buckets", type=int, default=0, help="add a hashed-bigram input table of N rows (0: none)")
     lm.add_argument("--tokenizer", choices=["bpe", "unigram", "word"], help="default: word for ptb, else bpe")
     lm.add_argument("--vocab-size", type=int, help="default: bpe, unigram 1024; word: every training word")
     lm.add_argument("--cache-dir", type=Path, default=Path.home() / ".cache" / "mlx-adagrad-tokenizers",
@@ -178,6 +182,7 @@ def with_defaults(args):
         if args.vocab_size is None and args.tokenizer != "word":
             args.vocab_size = 1024
         args.softmax = args.softmax or ("class" if args.tokenizer == "word" else "full")
+    args.untied = args.untied or args.sparse_embeddings  # a frozen sparse table cannot be tied to the output
     args.data_dir = args.data_dir or default_data_dir()
     check(args)
     return args
@@ -198,17 +203,20 @@ def check(args):
     for name in positive:
         if not getattr(args, name) > 0:
             fail(f"--{name.replace('_', '-')} must be > 0, got {getattr(args, name)}")
-    for name in "initial_accumulator_value lr_decay weight_decay warmup augment_shift sample l1 l2".split():
+    for (
+        name
+    ) in "initial_accumulator_value lr_decay weight_decay warmup augment_shift sample l1 l2 hash_buckets".split():
         if not getattr(args, name) >= 0:
             fail(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
-    for name in ["initial_accumulator_value", "lr_decay", "rowwise_embeddings"]:
+    for name in ["initial_accumulator_value", "lr_decay", "rowwise_embeddings", "sparse_embeddings"]:
         if getattr(args, name) and args.optimizer != "adagrad":
             fail(f"--{name.replace('_', '-')} is an option of --optimizer adagrad, not {args.optimizer}")
     for name in ["l1", "l2"]:
         if getattr(args, name) and args.optimizer not in ("adagrad", "adagrad-da"):
             fail(f"--{name} is an option of --optimizer adagrad or adagrad-da, not {args.optimizer}")
-    if args.rowwise_embeddings and args.task != "lm":
-        fail("--rowwise-embeddings needs a model with embedding tables: use it with --task lm")
+    for name in ["rowwise_embeddings", "sparse_embeddings", "hash_buckets"]:
+        if getattr(args, name) and args.task != "lm":
+            fail(f"--{name.replace('_', '-')} needs a model with embedding tables: use it with --task lm")
     if args.weight_decay and args.optimizer in ("mlx-adagrad", "adagrad-da", "adam"):
         fail(f"{args.optimizer} has no weight decay: use --optimizer adagrad or adamw")
     if not 0 <= args.dropout < 1:
@@ -295,34 +303,53 @@ def shard(batch, rank, world):
     return mx.array(inputs), mx.array(targets), mx.array(world / batch[1].size, mx.float32)
 
 
-def training_step(model, optimizer, token_losses, augment, streams=1, world=1):
+def training_step(model, optimizer, token_losses, augment, streams=1, world=1, sparse_embedding=False):
     """step(inputs, targets, scale) -> loss: one optimizer update on a batch, on the default device.
 
     With streams > 1 (CPU only), the batch's rows are split over that many new CPU streams, whose
     threads take their parts forward and back at the same time. A part's loss is its summed
     cross-entropy times `scale` (see shard), so the parts' losses and gradients add up to the
     batch's; under mlx.launch the processes then average theirs.
+
+    With sparse_embedding (the model's input table an adagrad.SparseEmbedding), each part looks its
+    rows up first and differentiates them instead of the table; the processes gather their ids and
+    row gradients, and every one applies the same Adagrad.update_rows.
     """
     loss_and_grad = nn.value_and_grad(model, batch_loss)
     cpu_streams = [mx.new_stream(mx.cpu) for _ in range(streams)] if streams > 1 else []
 
+    def part_grads(inputs, targets, scale):
+        """(loss, gradients, the gradients of the input tables' looked-up rows or None) of one part."""
+        if sparse_embedding:
+            rows = model.lookups(inputs)
+            return sparse_value_and_grad(model, batch_loss)(rows, targets, scale, token_losses)
+        return (*loss_and_grad(model, augment(inputs), targets, scale, token_losses), None)
+
     def forward_backward(inputs, targets, scale):
         if not cpu_streams:
-            return loss_and_grad(model, augment(inputs), targets, scale, token_losses)
+            return part_grads(inputs, targets, scale)
         parts = []
         for stream, part_inputs, part_targets in zip(
             cpu_streams, split_rows(inputs, streams), split_rows(targets, streams)
         ):
             with mx.stream(stream):
-                parts.append(loss_and_grad(model, augment(part_inputs), part_targets, scale, token_losses))
-        loss = reduce(mx.add, [part_loss for part_loss, _ in parts])
-        return loss, reduce(partial(tree_map, mx.add), [part_grads for _, part_grads in parts])
+                parts.append(part_grads(part_inputs, part_targets, scale))
+        loss = reduce(mx.add, [part[0] for part in parts])
+        grads = reduce(partial(tree_map, mx.add), [part[1] for part in parts])
+        row_grads = [mx.concatenate(table) for table in zip(*[part[2] for part in parts])] if sparse_embedding else None
+        return loss, grads, row_grads
 
     def step(inputs, targets, scale):
-        loss, grads = forward_backward(inputs, targets, scale)
+        loss, grads, row_grads = forward_backward(inputs, targets, scale)
         if world > 1:  # every process applies the same averaged gradient, so weights and state stay equal
             grads, loss = nn.average_gradients(grads), mx.distributed.all_sum(loss) / world
+            if sparse_embedding:
+                inputs = mx.distributed.all_gather(inputs)
+                row_grads = [mx.distributed.all_gather(g) / world for g in row_grads]
         optimizer.update(model, grads)
+        if sparse_embedding:
+            for path, ids, g in zip(model.input_tables(), model.input_ids(inputs), row_grads):
+                optimizer.update_rows(model, path, ids, g)
         return loss
 
     return step
@@ -420,10 +447,12 @@ def run(args, command, tuning, group, log):
     except ValueError as e:
         fail(str(e))
     optimizer.init(model.trainable_parameters())
+    for path in model.input_tables() if args.sparse_embeddings else []:
+        optimizer.init_rows(model, path)
     state_bytes = sum(v.nbytes for _, v in tree_flatten(optimizer.state))
     say(
         f"{args.optimizer}: optimizer state {state_bytes / 2**20:.2f} MiB for "
-        f"{sum(v.size for _, v in tree_flatten(model.trainable_parameters())):,} parameters"
+        f"{sum(v.size for _, v in tree_flatten(model.parameters())):,} parameters"
     )
     header = run_header(args, command, world, tuning, cpu_ops)
     identity = {k: v for k, v in header["config"].items() if k not in HOW_TO_RUN}
@@ -453,7 +482,9 @@ def run(args, command, tuning, group, log):
 
     # The compiled step captures these objects: build it only after init and any resume.
     state = [model.state, optimizer.state, mx.random.state]
-    train_step = training_step(model, optimizer, task.token_losses, task.augment, args.streams, world)
+    train_step = training_step(
+        model, optimizer, task.token_losses, task.augment, args.streams, world, args.sparse_embeddings
+    )
     if not args.no_compile:
         train_step = partial(mx.compile, inputs=state, outputs=state)(train_step)
 

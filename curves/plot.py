@@ -6,7 +6,8 @@ Left panel: training loss per step, as logged (the mean over each --log-every in
 then smoothed by a moving average over 2% of the run. Right panel: the evaluation metric
 per evaluation (MNIST test accuracy; LM validation nats per character; PTB validation
 word perplexity). mlx-adagrad is dashed: in float32 it is bit-identical to adagrad, so it
-lies exactly on top of it. A run with --streams 2 is dotted: the same recipe on both cores, its
+lies exactly on top of it; so is a run with --sparse-embeddings, bit-identical to its dense
+twin. A run with --streams 2 is dotted: the same recipe on both cores, its
 gradient summed in another order, so not bit-identical to the one-stream run.
 """
 
@@ -31,7 +32,13 @@ PLOTS = {  # png name: (title, log-file pattern, metric key, metric label)
     ),
     "lm_ptb.png": (
         "Penn Treebank, word-level transformer LM",
-        "lm_ptb_*.jsonl",
+        "lm_ptb_[!b]*.jsonl",  # not the lm_ptb_bigrams_ runs, plotted on their own
+        "val_word_ppl",
+        "validation word perplexity",
+    ),
+    "lm_ptb_bigrams.png": (
+        "PTB, with a hashed-bigram input table of 2^20 rows",
+        "lm_ptb_bigrams_*.jsonl",
         "val_word_ppl",
         "validation word perplexity",
     ),
@@ -60,7 +67,9 @@ def plot(png, title, pattern, metric, metric_label):
         config = header["config"]
         streams = config.get("streams", 1)
         label = f"{config['optimizer']} (lr {config['lr']:g})" + (f", --streams {streams}" if streams > 1 else "")
-        dashes = ":" if streams > 1 else "--" if config["optimizer"] == "mlx-adagrad" else None
+        label += ", sparse embeddings" if config.get("sparse_embeddings") else ""
+        same_bits = config["optimizer"] == "mlx-adagrad" or config.get("sparse_embeddings")
+        dashes = ":" if streams > 1 else "--" if same_bits else None
         style = {"linestyle": dashes, "zorder": 3} if dashes else {}
         loss, skip = smooth([r["loss"] for r in steps])
         left.plot([r["step"] for r in steps][skip:], loss, label=label, linewidth=1.2, **style)

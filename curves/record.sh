@@ -24,4 +24,8 @@ done
 for dataset in tinyshakespeare ptb; do
   run "lm_${dataset}_adagrad_streams2" --task lm --dataset "$dataset" --optimizer adagrad --streams 2 --sample 200 > /dev/null
 done
+# PTB with a hashed-bigram input table of 2^20 rows, one pass: the tables updated densely, then only where a batch
+# looked them up (--sparse-embeddings): the same bits, in a fraction of the time.
+run lm_ptb_bigrams_dense --task lm --dataset ptb --hash-buckets 1048576 --untied --epochs 1 > /dev/null
+run lm_ptb_bigrams_sparse --task lm --dataset ptb --hash-buckets 1048576 --sparse-embeddings --epochs 1 > /dev/null
 python curves/plot.py

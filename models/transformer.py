@@ -3,6 +3,7 @@ import math
 import mlx.core as mx
 import mlx.nn as nn
 
+from adagrad import SparseEmbedding
 from models.cpu_ops import causal_attention, softmax_cross_entropy, stock_attention, stock_cross_entropy
 from models.dense import Dense
 
@@ -100,13 +101,18 @@ class ClassSoftmax(nn.Module):
 
 
 class Transformer(nn.Module):
-    """Decoder-only language model with tied input/output embeddings.
+    """Decoder-only language model, its input and output embeddings tied unless tied=False.
 
     positions="rope" rotates queries and keys (nn.RoPE); "learned" adds a position embedding.
     softmax="full" scores every word of the vocabulary; "class" factors the output through word
     classes (ClassSoftmax), for large vocabularies whose ids are sorted by frequency.
     cpu_ops=True computes attention and the full softmax's cross-entropy as models/cpu_ops.py does
     for MLX's CPU kernels; False with MLX's fused ones (for a GPU). Same parameters either way.
+    hash_buckets > 0 adds to each token's input vector a row of a table of that many rows, chosen
+    by hashing the token with the one before it (hashed bigram features): a large table of which
+    a batch uses few rows. sparse_embedding=True makes the input tables adagrad.SparseEmbedding
+    tables (updated only where a batch looked them up, by Adagrad.update_rows); a frozen table
+    cannot be tied, so it needs tied=False: the output then has a (vocab, dim) table of its own.
     """
 
     def __init__(
@@ -120,11 +126,16 @@ class Transformer(nn.Module):
         positions: str = "rope",
         softmax: str = "full",
         cpu_ops: bool = False,
+        tied: bool = True,
+        sparse_embedding: bool = False,
+        hash_buckets: int = 0,
     ):
         super().__init__()
         if dim % heads:
             raise ValueError(f"dim {dim} is not divisible by heads {heads}")
-        self.embedding = nn.Embedding(vocab_size, dim)
+        if sparse_embedding and tied:
+            raise ValueError("a sparse embedding table cannot be tied to the output layer: pass tied=False")
+        self.embedding = SparseEmbedding(vocab_size, dim) if sparse_embedding else nn.Embedding(vocab_size, dim)
         if positions == "learned":
             self.position_embedding = nn.Embedding(context, dim)
         self.blocks = [Block(dim, heads, dropout, positions == "rope", cpu_ops) for _ in range(layers)]
@@ -134,11 +145,42 @@ class Transformer(nn.Module):
         self.embedding.weight = 0.02 * mx.random.normal(self.embedding.weight.shape)
         if softmax == "class":
             self.class_softmax = ClassSoftmax(vocab_size, dim)
+        if not tied:
+            self.output = nn.Embedding(vocab_size, dim)
+            self.output.weight = 0.02 * mx.random.normal(self.output.weight.shape)
+        if hash_buckets:
+            self.bigrams = SparseEmbedding(hash_buckets, dim) if sparse_embedding else nn.Embedding(hash_buckets, dim)
+            self.bigrams.weight = mx.zeros(self.bigrams.weight.shape)  # starts as the model without it
+
+    def input_tables(self):
+        """The paths of the input embedding tables, in the order of input_ids and lookups."""
+        return ["embedding.weight"] + (["bigrams.weight"] if "bigrams" in self else [])
+
+    def input_ids(self, tokens):
+        """The rows each input table looks up for `tokens` (batch, length): the tokens themselves, and
+        for the bigram table a hash of each token and the one before it (0 before the first)."""
+        ids = [tokens]
+        if "bigrams" in self:
+            previous = mx.concatenate([mx.zeros_like(tokens[:, :1]), tokens[:, :-1]], axis=1)
+            pair = previous.astype(mx.uint32) * 1000003 + tokens.astype(mx.uint32)  # wraps around 2^32
+            ids.append((pair % self.bigrams.weight.shape[0]).astype(mx.int32))
+        return ids
+
+    def lookups(self, tokens):
+        """The input tables' rows for `tokens`, one array each (a sparse step differentiates these)."""
+        tables = [self.embedding] + ([self.bigrams] if "bigrams" in self else [])
+        return tuple(table(ids) for table, ids in zip(tables, self.input_ids(tokens)))
+
+    def words(self):
+        """The output layer's word vectors, (vocab, dim)."""
+        return (self.output if "output" in self else self.embedding).weight
 
     def features(self, tokens):
-        x = self.embedding(tokens)
+        """tokens: (batch, length) ids, or the tuple lookups(ids) gave."""
+        rows = tokens if isinstance(tokens, tuple) else self.lookups(tokens)
+        x = sum(rows[1:], rows[0])
         if "position_embedding" in self:
-            x = x + self.position_embedding(mx.arange(tokens.shape[1]))
+            x = x + self.position_embedding(mx.arange(x.shape[1]))
         x = self.dropout(x)
         for block in self.blocks:
             x = block(x)
@@ -148,12 +190,12 @@ class Transformer(nn.Module):
         """Logits of the next token at every position (with softmax="class": its log-probabilities)."""
         h = self.features(tokens)
         if "class_softmax" in self:
-            return self.class_softmax(h, self.embedding.weight)
-        return self.embedding.as_linear(h)
+            return self.class_softmax(h, self.words())
+        return h @ self.words().T
 
     def nll(self, tokens, targets):
         """-log p(target | the tokens up to it), at every position: the loss, cheaper than from __call__."""
         h = self.features(tokens)
         if "class_softmax" in self:
-            return self.class_softmax.nll(h, targets, self.embedding.weight)
-        return self.cross_entropy(self.embedding.as_linear(h), targets)
+            return self.class_softmax.nll(h, targets, self.words())
+        return self.cross_entropy(h @ self.words().T, targets)

@@ -96,10 +96,14 @@ def test_shards_are_disjoint_cover_the_batch_and_scale_to_its_mean():
 
 
 @needs_launcher
-@pytest.mark.parametrize("task", ["mnist", "lm"])
+@pytest.mark.parametrize("task", ["mnist", "lm", "lm-sparse"])
 def test_two_processes_train_like_one_with_the_same_global_batch(tmp_path, task):
     # No dropout or augmentation: each process draws its own, so only their absence makes the runs comparable.
+    # lm-sparse: the processes gather their embedding ids and row gradients (--sparse-embeddings).
+    sparse = ["--sparse-embeddings"] if task == "lm-sparse" else []
+    task = "lm" if sparse else task
     args = train_args(task, tmp_path) + ["--dropout", "0"] + (["--augment-shift", "0"] if task == "mnist" else [])
+    args += sparse
     one = train.main([*args, "--log-file", str(tmp_path / "one.jsonl")])
     one_log = [json.loads(line) for line in (tmp_path / "one.jsonl").read_text().splitlines()]
     two_log, (rank0, rank1), done = launch(tmp_path, "two", *args)
