@@ -187,3 +187,11 @@ def load(directory, model, optimizer, identity: dict, rank: int = 0) -> dict:
     high, low = arrays["rng.keys"][rank].tolist()  # mx.random.key(seed) is [seed >> 32, seed & 0xffffffff]
     mx.random.seed((high << 32) | low)
     return run_state
+
+
+def last_good(checkpoint_dir):
+    """'; the last good checkpoint (step N) is in DIR', or '' without one."""
+    path = checkpoint_dir and Path(checkpoint_dir) / FILES[1]
+    if not path or not path.exists():
+        return ""
+    return f"; the last good checkpoint (step {json.loads(path.read_text())['step']}) is in {checkpoint_dir}"

@@ -19,7 +19,6 @@ import json
 import math
 import os
 import platform
-import signal
 import sys
 import tempfile
 import time
@@ -40,6 +39,7 @@ import tasks
 from adagrad import Adagrad, sparse_value_and_grad
 from adagrad_da import AdagradDA
 from data import DataError, default_data_dir, mnist
+from interrupts import Interrupts
 from runlog import JsonlLog, LogError
 
 # ---------------------------------------------------------------------------------------
@@ -561,7 +561,7 @@ def run(args, command, tuning, group, log):
                 if not math.isfinite(loss) or abs(loss) > DIVERGED * abs(first_loss):
                     stop(
                         f"loss is {loss:.4g} at step {step} (first step: {first_loss:.4g}): training diverged, try a "
-                        f"lower --lr{last_good(args.checkpoint_dir)}",
+                        f"lower --lr{checkpoint.last_good(args.checkpoint_dir)}",
                         2,
                     )
                 window.append(loss)
@@ -610,44 +610,6 @@ def run(args, command, tuning, group, log):
     if args.task == "lm" and args.sample and rank == 0:
         print(task.sample(model, args.sample, args.temperature))
     return model, optimizer
-
-
-def last_good(checkpoint_dir):
-    """'; the last good checkpoint (step N) is in DIR', or '' without one."""
-    path = checkpoint_dir and Path(checkpoint_dir) / checkpoint.FILES[1]
-    if not path or not path.exists():
-        return ""
-    return f"; the last good checkpoint (step {json.loads(path.read_text())['step']}) is in {checkpoint_dir}"
-
-
-class Interrupts:
-    """SIGINT (Ctrl-C) and SIGTERM ask the loop to stop after the current step; a second one exits at once.
-
-    Under mlx.launch the processes agree on the step: a stop requested on any of them stops them all."""
-
-    def __init__(self, world):
-        self.world, self.signal = world, None
-        self.previous = {s: signal.signal(s, self.handle) for s in (signal.SIGINT, signal.SIGTERM)}
-
-    def handle(self, signum, frame):
-        if self.signal is not None:
-            os._exit(128 + signum)
-        self.signal = signum
-
-    def stopped(self) -> bool:
-        if self.world > 1:  # another process was asked to stop: this one stops at the same step
-            asked = mx.distributed.all_sum(mx.array(self.signal or 0)).item()
-            if asked and self.signal is None:
-                self.signal = signal.SIGTERM
-        return self.signal is not None
-
-    @property
-    def name(self):
-        return signal.Signals(self.signal).name
-
-    def restore(self):
-        for s, handler in self.previous.items():
-            signal.signal(s, handler)
 
 
 # ---------------------------------------------------------------------------------------

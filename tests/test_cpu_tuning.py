@@ -20,6 +20,8 @@ MODULES = [
     "adagrad",
     "adagrad_da",
     "checkpoint",
+    "interrupts",
+    "runlog",
     "cpu_tuning",
     "reproduce",
     "tasks",

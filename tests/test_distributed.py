@@ -13,7 +13,7 @@ from mlx.utils import tree_flatten
 
 import train
 from tests.test_lm import TINY_MODEL, make_text
-from tests.test_mnist import losses, write_small_mnist
+from tests.test_mnist import losses, small_run, write_small_mnist
 
 REPO = Path(__file__).parents[1]
 LAUNCH = Path(sys.executable).with_name("mlx.launch")
@@ -27,18 +27,7 @@ def train_args(task, tmp_path):
     """A short run on data the test writes, logging every step."""
     if task == "mnist":
         write_small_mnist(tmp_path)
-        return [
-            "--data-dir",
-            str(tmp_path),
-            "--verify-data",
-            "off",
-            "--batch-size",
-            "32",
-            "--epochs",
-            "2",
-            "--log-every",
-            "1",
-        ]
+        return [*small_run(tmp_path), "--epochs", "2", "--log-every", "1"]
     (tmp_path / "corpus.txt").write_text(make_text())
     return [
         *TINY_MODEL,

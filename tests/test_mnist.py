@@ -171,25 +171,14 @@ def test_cnn_pools_before_relu_with_the_same_gradients():
 # train.py end to end
 
 
+def small_run(tmp_path):
+    """train.py's arguments for the tests' own small MNIST in tmp_path (see write_small_mnist)."""
+    return ["--data-dir", str(tmp_path), "--verify-data", "off", "--batch-size", "32"]
+
+
 def run_train(tmp_path, *args, name="run"):
     log = tmp_path / f"{name}.jsonl"
-    train.main(
-        [
-            "--data-dir",
-            str(tmp_path),
-            "--verify-data",
-            "off",
-            "--batch-size",
-            "32",
-            "--epochs",
-            "2",
-            "--log-every",
-            "1",
-            "--log-file",
-            str(log),
-            *args,
-        ]
-    )
+    train.main([*small_run(tmp_path), "--epochs", "2", "--log-every", "1", "--log-file", str(log), *args])
     return [json.loads(line) for line in log.read_text().splitlines()]
 
 

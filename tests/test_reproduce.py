@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 import train
-from tests.test_mnist import write_small_mnist
+from tests.test_mnist import small_run, write_small_mnist
 
 REPO = Path(__file__).parents[1]
 SHARED_DATA = Path(os.environ.get("MLX_ADAGRAD_DATA", REPO.parent / "shared" / "data"))
@@ -22,35 +22,25 @@ def reproduce(capsys, log, steps, data_dir=None):
     return exit_.value.code, capsys.readouterr().out.strip().splitlines()[-1]
 
 
-def test_reproduces_a_recorded_run_and_catches_a_changed_value(tmp_path, capsys):
+def record(tmp_path, *args):
+    """A small recorded run: its log's path and records."""
     write_small_mnist(tmp_path)
     log = tmp_path / "recorded.jsonl"
-    train.main(
-        [
-            "--data-dir",
-            str(tmp_path),
-            "--verify-data",
-            "off",
-            "--batch-size",
-            "32",
-            "--epochs",
-            "2",
-            "--log-every",
-            "2",
-            "--log-file",
-            str(log),
-            "--optimizer",
-            "adamw",
-            "--warmup",
-            "3",
-        ]
-    )
+    train.main([*small_run(tmp_path), "--log-file", str(log), *args])
+    return log, [json.loads(line) for line in log.read_text().splitlines()]
+
+
+def rewrite(log, records):
+    log.write_text("".join(json.dumps(r) + "\n" for r in records))
+
+
+def test_reproduces_a_recorded_run_and_catches_a_changed_value(tmp_path, capsys):
+    log, records = record(tmp_path, "--epochs", "2", "--log-every", "2", "--optimizer", "adamw", "--warmup", "3")
     code, verdict = reproduce(capsys, log, 12, tmp_path)
     assert code == 0 and verdict.startswith("REPRODUCED: 12 logged values over 12 steps match, bit-exact"), verdict
 
-    records = [json.loads(line) for line in log.read_text().splitlines()]
     records[3]["loss"] = records[3]["loss"] * (1 + 1e-7)  # one value off in its last bits
-    log.write_text("".join(json.dumps(r) + "\n" for r in records))
+    rewrite(log, records)
     code, verdict = reproduce(capsys, log, 12, tmp_path)
     assert (
         code == 1
@@ -82,53 +72,17 @@ def test_documented_curves_reproduce(capsys, run):
 
 
 def test_a_run_from_another_device_is_compared_within_the_tolerance(tmp_path, capsys):
-    write_small_mnist(tmp_path)
-    log = tmp_path / "recorded.jsonl"
-    train.main(
-        [
-            "--data-dir",
-            str(tmp_path),
-            "--verify-data",
-            "off",
-            "--batch-size",
-            "32",
-            "--steps",
-            "6",
-            "--log-every",
-            "2",
-            "--log-file",
-            str(log),
-        ]
-    )
-    records = [json.loads(line) for line in log.read_text().splitlines()]
+    log, records = record(tmp_path, "--steps", "6", "--log-every", "2")
     records[0]["device"] = "gpu"
-    log.write_text("".join(json.dumps(r) + "\n" for r in records))
+    rewrite(log, records)
     code, verdict = reproduce(capsys, log, 6, tmp_path)
     assert code == 0 and verdict.startswith("REPRODUCED: 6 logged values over 6 steps match, within rtol"), verdict
 
 
 def test_a_log_naming_an_unknown_model_is_refused_before_training(tmp_path, capsys):
-    write_small_mnist(tmp_path)
-    log = tmp_path / "recorded.jsonl"
-    train.main(
-        [
-            "--data-dir",
-            str(tmp_path),
-            "--verify-data",
-            "off",
-            "--batch-size",
-            "32",
-            "--steps",
-            "2",
-            "--log-every",
-            "1",
-            "--log-file",
-            str(log),
-        ]
-    )
-    records = [json.loads(line) for line in log.read_text().splitlines()]
+    log, records = record(tmp_path, "--steps", "2", "--log-every", "1")
     records[0]["config"]["model"] = "resnet"
-    log.write_text("".join(json.dumps(r) + "\n" for r in records))
+    rewrite(log, records)
     with pytest.raises(SystemExit) as exit_:
         train.main(["--reproduce", str(log), "--data-dir", str(tmp_path), "--verify-data", "off"])
     out, err = capsys.readouterr()
