@@ -81,7 +81,7 @@ HOW_TO_RUN = set(
 def recipe_defaults(option):
     """'mlp 24, cnn 20, ...': where RECIPES sets `option`, for --help."""
     return ", ".join(
-        f"{name} {values[option]}" for table in RECIPES.values() for name, values in table.items() if option in values
+        f"{name}: {values[option]}" for table in RECIPES.values() for name, values in table.items() if option in values
     )
 
 
