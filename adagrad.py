@@ -211,13 +211,17 @@ class Adagrad(Optimizer):
         """Create the state: ``v`` like each parameter, or ``v_row`` of shape (rows, 1) where ``rowwise`` says."""
         super().init(parameters)
         for path, parameter in tree_flatten(parameters) if self.rowwise else []:
-            state = self.state
-            for key in path.split("."):
-                state = state[int(key)] if isinstance(state, list) else state[key]
-            if parameter.ndim >= 2 and self.rowwise(path, parameter) and "v_row" not in state:
+            state = _get(self.state, path)
+            if self._is_rowwise(path, parameter) and "v_row" not in state:
                 del state["v"]  # never computed: MLX arrays are lazy
-                rows = (parameter.shape[0],) + (1,) * (parameter.ndim - 1)
-                state["v_row"] = mx.full(rows, self.initial_accumulator_value, self._state_dtype(parameter))
+                state["v_row"] = self._row_accumulator(parameter)
+
+    def _is_rowwise(self, path, parameter):
+        return self.rowwise is not None and parameter.ndim >= 2 and self.rowwise(path, parameter)
+
+    def _row_accumulator(self, parameter):
+        rows = (parameter.shape[0],) + (1,) * (parameter.ndim - 1)
+        return mx.full(rows, self.initial_accumulator_value, self._state_dtype(parameter))
 
     def _state_dtype(self, parameter):
         return self.state_dtype if parameter.dtype in _LOW_PRECISION else parameter.dtype
@@ -247,9 +251,8 @@ class Adagrad(Optimizer):
         key = path.rsplit(".", 1)[-1]
         if key not in state:
             state[key] = {}
-            if self.rowwise is not None and self.rowwise(path, table):
-                rows = (table.shape[0],) + (1,) * (table.ndim - 1)
-                state[key]["v_row"] = mx.full(rows, self.initial_accumulator_value, self._state_dtype(table))
+            if self._is_rowwise(path, table):
+                state[key]["v_row"] = self._row_accumulator(table)
             else:
                 self.init_single(table, state[key])
 
@@ -278,10 +281,11 @@ class Adagrad(Optimizer):
             lr = lr / (1 + (self.step - 1).astype(lr.dtype) * self.lr_decay)
         key = "v_row" if "v_row" in state else "v"
         v = state[key]
-        if self.weight_decay or self.l1 or self.l2 or table.dtype != mx.float32 or v.dtype != mx.float32:
+        if v.dtype != self._state_dtype(table):  # a state saved by another optimizer: float16 / bfloat16 v
+            v = v.astype(self._state_dtype(table))
+        if self.weight_decay or self.l1 or self.l2 or table.dtype != mx.float32:
             g = totals[slot]  # each entry's id's total: duplicates write the same rows
-            v_rows = v[ids].astype(self._state_dtype(table))
-            rows, v_rows = self._update[key == "v_row"](table[ids], g, v_rows, lr)
+            rows, v_rows = self._update[key == "v_row"](table[ids], g, v[ids], lr)
             table[ids], v[ids] = rows, v_rows
         else:
             # Slots past the distinct ids hold zeros and point at row 0: adding zero changes nothing.

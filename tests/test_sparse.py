@@ -227,3 +227,19 @@ def test_sparse_embeddings_resume_exactly(tmp_path):
     run_lm(tmp_path, "--sparse-embeddings", "--steps", "5", "--checkpoint-dir", ckpt, name="part")
     resumed = run_lm(tmp_path, "--sparse-embeddings", "--checkpoint-dir", ckpt, "--resume", name="part")
     assert resumed == whole
+
+
+def test_a_low_precision_state_is_continued_in_state_dtype():
+    table = np.random.default_rng(1).standard_normal((ROWS, DIM)).astype(np.float32)
+    model, optimizer = Holder(table, sparse=True), Adagrad(0.1)
+    optimizer.init_rows(model, "embedding.weight")
+    saved = mx.full((ROWS, DIM), 0.5, mx.bfloat16)  # as mlx.optimizers.Adagrad saves it for bfloat16
+    optimizer.state["embedding"]["weight"]["v"] = saved
+    ids, row_grads = next(batches(1))
+    optimizer.update(model, {})
+    optimizer.update_rows(model, "embedding.weight", ids, row_grads)
+    v = optimizer.state["embedding"]["weight"]["v"]
+    touched = sorted(set(np.array(ids).tolist()))
+    untouched = sorted(set(range(ROWS)) - set(touched))
+    assert v.dtype == mx.float32
+    assert (np.array(v)[untouched] == 0.5).all() and (np.array(v)[touched] > 0.5).all()
