@@ -130,7 +130,8 @@ def build_parser():
     device.add_argument("--device", choices=["cpu", "gpu"], help="where the step runs (default: MLX's default)")
     device.add_argument("--no-compile", action="store_true", help="run the step eagerly (same bits, slower)")
     device.add_argument("--stock-ops", action="store_true", help="MLX's own attention, cross-entropy, conv and "
-                        "pooling on the CPU too, as on a GPU (not models/cpu_ops.py, models/conv.py)")
+                        "pooling on the CPU too, as on a GPU (not models/cpu_ops.py, models/conv.py, the "
+                        "complex64 scatter of --sparse-embeddings)")
     device.add_argument("--cpu-tuning", choices=["on", "off"], default="on" if cpu_tuning.default_on() else "off",
                         help="cpu_tuning.py on a Linux CPU (default: on, unless MLX_ADAGRAD_CPU_TUNING=off)")
     device.add_argument("--blas-threads", type=int, default=1, help="OpenBLAS threads (default 1; more vary the "
@@ -303,7 +304,7 @@ def shard(batch, rank, world):
     return mx.array(inputs), mx.array(targets), mx.array(world / batch[1].size, mx.float32)
 
 
-def training_step(model, optimizer, token_losses, augment, streams=1, world=1, sparse_embedding=False):
+def training_step(model, optimizer, token_losses, augment, streams=1, world=1, sparse_embedding=False, cpu_ops=None):
     """step(inputs, targets, scale) -> loss: one optimizer update on a batch, on the default device.
 
     With streams > 1 (CPU only), the batch's rows are split over that many new CPU streams, whose
@@ -313,7 +314,8 @@ def training_step(model, optimizer, token_losses, augment, streams=1, world=1, s
 
     With sparse_embedding (the model's input table an adagrad.SparseEmbedding), each part looks its
     rows up first and differentiates them instead of the table; the processes gather their ids and
-    row gradients, and every one applies the same Adagrad.update_rows.
+    row gradients, and every one applies the same Adagrad.update_rows (with its CPU scatter when
+    cpu_ops; None: when the default device is a CPU).
     """
     loss_and_grad = nn.value_and_grad(model, batch_loss)
     cpu_streams = [mx.new_stream(mx.cpu) for _ in range(streams)] if streams > 1 else []
@@ -349,7 +351,7 @@ def training_step(model, optimizer, token_losses, augment, streams=1, world=1, s
         optimizer.update(model, grads)
         if sparse_embedding:
             for path, ids, g in zip(model.input_tables(), model.input_ids(inputs), row_grads):
-                optimizer.update_rows(model, path, ids, g)
+                optimizer.update_rows(model, path, ids, g, cpu_pairs=cpu_ops)
         return loss
 
     return step
@@ -483,7 +485,7 @@ def run(args, command, tuning, group, log):
     # The compiled step captures these objects: build it only after init and any resume.
     state = [model.state, optimizer.state, mx.random.state]
     train_step = training_step(
-        model, optimizer, task.token_losses, task.augment, args.streams, world, args.sparse_embeddings
+        model, optimizer, task.token_losses, task.augment, args.streams, world, args.sparse_embeddings, cpu_ops
     )
     if not args.no_compile:
         train_step = partial(mx.compile, inputs=state, outputs=state)(train_step)

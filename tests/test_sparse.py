@@ -17,24 +17,27 @@ from tests.test_lm import TINY_MODEL, losses, make_text
 ROWS, DIM = 50, 6
 
 
-def batches(steps, seed=0):
-    """Ids with heavy repeats (some ids 3-6 times a batch, most rows never) and their row gradients."""
+def batches(steps, seed=0, dim=DIM, negative=False):
+    """Ids with heavy repeats (some ids 3-6 times a batch, most rows never) and their row gradients;
+    with `negative`, every other id written as its negative counterpart (-1 for the last row)."""
     rng = np.random.default_rng(seed)
     for _ in range(steps):
         ids = rng.choice(20, 24, p=np.arange(20, 0, -1) / 210)  # Zipf-like over the first 20 rows
-        yield mx.array(ids, mx.int32), mx.array(rng.standard_normal((24, DIM)), mx.float32)
+        if negative:
+            ids[::2] -= ROWS
+        yield mx.array(ids, mx.int32), mx.array(rng.standard_normal((24, dim)), mx.float32)
 
 
 class Holder(nn.Module):
     def __init__(self, table, sparse):
         super().__init__()
-        self.embedding = SparseEmbedding(ROWS, DIM) if sparse else nn.Embedding(ROWS, DIM)
+        self.embedding = SparseEmbedding(*table.shape) if sparse else nn.Embedding(*table.shape)
         self.embedding.weight = mx.array(table)
 
 
-def run(options, sparse, compiled=False, steps=4, rowwise=False):
+def run(options, sparse, compiled=False, steps=4, rowwise=False, dim=DIM, cpu_pairs=None, negative=False):
     """The table and its state after `steps` updates, sparse or dense."""
-    table = np.random.default_rng(1).standard_normal((ROWS, DIM)).astype(np.float32)
+    table = np.random.default_rng(1).standard_normal((ROWS, dim)).astype(np.float32)
     model = Holder(table, sparse)
     optimizer = Adagrad(optim_schedule(), rowwise=(lambda path, p: True) if rowwise else None, **options)
     if sparse:
@@ -47,7 +50,7 @@ def run(options, sparse, compiled=False, steps=4, rowwise=False):
     def step(ids, row_grads):
         if sparse:
             optimizer.update(model, {})  # no other parameters: this only advances the step
-            optimizer.update_rows(model, "embedding.weight", ids, row_grads)
+            optimizer.update_rows(model, "embedding.weight", ids, row_grads, cpu_pairs=cpu_pairs)
         else:  # the gradient MLX gives nn.Embedding's table: a scatter-add of the row gradients into zeros
             grad = mx.grad(lambda w: (w[ids] * row_grads).sum())(model.embedding.weight)
             optimizer.update(model, {"embedding": {"weight": grad}})
@@ -55,10 +58,10 @@ def run(options, sparse, compiled=False, steps=4, rowwise=False):
     if compiled:
         step = partial(mx.compile, inputs=state, outputs=state)(step)
     touched = set()
-    for ids, row_grads in batches(steps):
+    for ids, row_grads in batches(steps, dim=dim, negative=negative):
         step(ids, row_grads)
         mx.eval(state)
-        touched |= set(np.array(ids).tolist())
+        touched |= set((np.array(ids) % ROWS).tolist())
     v = optimizer.state["embedding"]["weight"]
     return np.array(model.embedding.weight), np.array(v.get("v", v.get("v_row"))), sorted(touched), table
 
@@ -87,6 +90,23 @@ def test_sparse_equals_dense_bit_for_bit(options, rowwise, compiled):
     # unchanged by the dense update too (v += 0, w -= 0), so the whole table must match.
     dense_w, dense_v, touched, table = run(options, sparse=False, compiled=compiled, rowwise=rowwise)
     sparse_w, sparse_v, _, _ = run(options, sparse=True, compiled=compiled, rowwise=rowwise)
+    np.testing.assert_array_equal(sparse_w, dense_w)
+    np.testing.assert_array_equal(sparse_v, dense_v)
+    assert len(touched) < ROWS and not np.array_equal(sparse_w[touched], table[touched])
+
+
+@pytest.mark.parametrize("cpu_pairs", [True, False], ids=["complex64-pairs", "float32-as-on-a-gpu"])
+@pytest.mark.parametrize("dim", [6, 5], ids=["even-width", "odd-width"])
+@pytest.mark.parametrize("rowwise", [False, True], ids=["elementwise", "rowwise"])
+def test_both_scatter_formulations_equal_the_dense_update_bit_for_bit(cpu_pairs, dim, rowwise):
+    # The complex64 pairs add the same float32 values in the same order (a complex addition adds
+    # the real and the imaginary parts); an odd width, which has no pairs, takes the float32 path.
+    # Negative ids address rows from the end in the dense lookup: they must meet their row's
+    # other ids in one slot, or the accumulator would add two squares instead of one.
+    dense_w, dense_v, touched, table = run({}, sparse=False, compiled=True, rowwise=rowwise, dim=dim, negative=True)
+    sparse_w, sparse_v, _, _ = run(
+        {}, sparse=True, compiled=True, rowwise=rowwise, dim=dim, cpu_pairs=cpu_pairs, negative=True
+    )
     np.testing.assert_array_equal(sparse_w, dense_w)
     np.testing.assert_array_equal(sparse_v, dense_v)
     assert len(touched) < ROWS and not np.array_equal(sparse_w[touched], table[touched])
@@ -210,9 +230,11 @@ def run_lm(tmp_path, *args, name):
 
 @pytest.mark.parametrize("softmax", ["full", "class"])
 @pytest.mark.parametrize("buckets", ["0", "5000"], ids=["words", "with-hashed-bigrams"])
-def test_the_lm_trains_the_same_with_sparse_embedding_updates(tmp_path, softmax, buckets):
-    """The same untied model, its input tables updated densely or sparsely: the same bits."""
-    options = ["--softmax", softmax, "--hash-buckets", buckets]
+@pytest.mark.parametrize("ops", [[], ["--stock-ops"]], ids=["cpu-ops", "stock-ops"])
+def test_the_lm_trains_the_same_with_sparse_embedding_updates(tmp_path, softmax, buckets, ops):
+    """The same untied model, its input tables updated densely or sparsely: the same bits, with the
+    CPU's complex64 scatter and with the float32 one a GPU runs (--stock-ops)."""
+    options = ["--softmax", softmax, "--hash-buckets", buckets, *ops]
     dense = run_lm(tmp_path, "--untied", *options, name="dense")
     sparse = run_lm(tmp_path, "--sparse-embeddings", *options, name="sparse")
     eager = run_lm(tmp_path, "--sparse-embeddings", *options, "--no-compile", name="eager")
