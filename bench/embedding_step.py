@@ -1,18 +1,26 @@
 """Time one Adagrad step of an embedding table, dense against sparse, as the table grows.
 
-    python bench/embedding_step.py [--rows 1e4 1e5 1e6 1e7] [--dim 64] [--batch 4096] [--repeats 10]
+    python bench/embedding_step.py [--rows 1e4 1e5 1e6 1e7] [--dim 64] [--batch 4096]
+                                   [--rounds 5] [--steps 6]
 
 A batch looks up --batch ids drawn from a Zipf distribution (exponent 1.2, so a few rows come back
 many times and most never), and brings the gradient with respect to the looked-up rows. Each variant
 turns it into a table update:
 
-  mlx dense     the gradient MLX gives nn.Embedding (a scatter-add into a zero table), then
-                Adagrad.update on the whole table: what any MLX optimizer does today
-  mlx sparse    Adagrad.update_rows (adagrad.py): duplicates summed, only those rows updated
-  torch sparse  nn.Embedding(sparse=True), backward, torch.optim.Adagrad.step (when torch is installed)
+  mlx.optimizers dense  the gradient MLX gives nn.Embedding (a scatter-add into a zero table), then
+                        mlx.optimizers.Adagrad on the whole table: what an MLX user runs today
+  dense                 the same gradient, adagrad.py's Adagrad.update (in place) on the whole table
+  sparse                adagrad.py's Adagrad.update_rows: duplicates summed, only those rows updated
+  torch sparse          nn.Embedding(sparse=True), backward, torch.optim.Adagrad.step (if torch is
+                        installed)
 
-All compiled or as the framework runs them, one thread, in turns; each cell is the median step time
-in ms; "grad MB" is the size of the gradient each one builds.
+All compiled or as the framework runs them, on one thread. Each round runs every variant for
+--steps consecutive steps and times all but the first; --steps 1 times single steps in turns, each
+finding the caches as another variant left them. A cell is the median ms per step; a ratio is the
+median and the quartiles of the per-round ratios. "grad MB" is the size of the gradient each one
+builds. Each variant holds its own table and state; mlx.optimizers dense, which allocates both anew
+every step, runs up to --stock-rows rows (at 10^7 x 64 four copies of a 2.4 GiB table and its state
+do not fit in 24 GiB).
 """
 
 import argparse
@@ -20,11 +28,13 @@ import importlib.util
 import os
 import sys
 import time
+import warnings
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import mlx.core as mx  # noqa: E402
 import mlx.nn as nn  # noqa: E402
+import mlx.optimizers as optim  # noqa: E402
 import numpy as np  # noqa: E402
 
 import cpu_tuning  # noqa: E402
@@ -38,8 +48,10 @@ class Table(nn.Module):
         self.embedding.weight = table
 
 
-def mlx_stepper(table, ids, row_grads, sparse):
-    model, optimizer = Table(table, sparse), Adagrad(0.01)
+def mlx_stepper(table, ids, row_grads, variant):
+    sparse = variant == "sparse"
+    model = Table(table, sparse)
+    optimizer = optim.Adagrad(0.01) if variant == "mlx.optimizers dense" else Adagrad(0.01)
     optimizer.init(model.trainable_parameters())
     if sparse:
         optimizer.init_rows(model, "embedding.weight")
@@ -60,6 +72,8 @@ def mlx_stepper(table, ids, row_grads, sparse):
 def torch_stepper(table, ids, row_grads):
     import torch
 
+    warnings.filterwarnings("ignore", "Sparse invariant checks")  # torch's note on every sparse step
+
     torch.set_num_threads(1)
     embedding = torch.nn.Embedding(*table.shape, sparse=True)
     with torch.no_grad():
@@ -75,16 +89,29 @@ def torch_stepper(table, ids, row_grads):
     return step
 
 
-def median_ms(runs, repeats):
+def time_rounds(runs, rounds, steps):
+    """{name: seconds per step, one median per round}. A round runs every variant for `steps`
+    consecutive steps, as a training loop does, and times all but the first, which finds the caches
+    as the previous variant left them; with steps=1 it times that first step alone."""
     for run in runs.values():
-        run()  # compile, warm the caches
+        run()  # compile
     times = {name: [] for name in runs}
-    for _ in range(repeats):
+    for _ in range(rounds):
         for name, run in runs.items():
-            start = time.perf_counter()
-            run()
-            times[name].append(time.perf_counter() - start)
-    return {name: 1e3 * float(np.median(t)) for name, t in times.items()}
+            if steps > 1:
+                run()
+            block = []
+            for _ in range(max(steps - 1, 1)):
+                start = time.perf_counter()
+                run()
+                block.append(time.perf_counter() - start)
+            times[name].append(np.median(block))
+    return {name: np.array(t) for name, t in times.items()}
+
+
+def ratio(slow, fast):
+    low, middle, high = np.percentile(slow / fast, [25, 50, 75])
+    return f"{middle:.1f}x ({low:.1f}-{high:.1f})"
 
 
 def main():
@@ -92,38 +119,35 @@ def main():
     parser.add_argument("--rows", type=float, nargs="+", default=[1e4, 1e5, 1e6, 1e7])
     parser.add_argument("--dim", type=int, default=64)
     parser.add_argument("--batch", type=int, default=4096)
-    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--steps", type=int, default=6, help="consecutive steps of a variant a round")
+    parser.add_argument("--stock-rows", type=float, default=1e6, help="most rows for mlx.optimizers dense")
     args = parser.parse_args()
     tuning = cpu_tuning.enable()
     has_torch = importlib.util.find_spec("torch") is not None
-    names = ["mlx dense", "mlx sparse"] + (["torch sparse"] if has_torch else [])
-    print(f"mlx {mx.__version__}, compiled kernels: {tuning['kernels']}; {args.batch} Zipf ids x {args.dim}")
-    print(
-        "| rows | distinct ids | "
-        + " | ".join(f"{n} ms" for n in names)
-        + " | dense / sparse | grad MB dense, sparse |"
-    )
-    print("|---|---|" + "---|" * len(names) + "---|---|")
+    names = ["mlx.optimizers dense", "dense", "sparse"] + (["torch sparse"] if has_torch else [])
+    print(f"mlx {mx.__version__}, compiled kernels: {tuning['kernels']}; {args.batch} Zipf ids x {args.dim}; ", end="")
+    print(f"{args.rounds} rounds of {args.steps} steps" + (" (cold caches)" if args.steps == 1 else ""))
+    against = [f"{n} / sparse" for n in names if n != "sparse"]
+    print(f"| rows | distinct ids | {' | '.join(f'{n} ms' for n in names)} | {' | '.join(against)} | grad MB |")
+    print("|---|---|" + "---|" * (len(names) + len(against)) + "---|")
     rng = np.random.default_rng(0)
     for size in args.rows:
         rows = int(size)
         ids = mx.array((rng.zipf(1.2, args.batch) - 1) % rows, mx.int32)
         row_grads = mx.array(rng.standard_normal((args.batch, args.dim)), mx.float32)
         table = mx.random.normal((rows, args.dim))
-        runs = {
-            "mlx dense": mlx_stepper(table, ids, row_grads, False),
-            "mlx sparse": mlx_stepper(table, ids, row_grads, True),
-        }
+        skip = {"torch sparse"} | ({"mlx.optimizers dense"} if rows > args.stock_rows else set())
+        runs = {name: mlx_stepper(table, ids, row_grads, name) for name in names if name not in skip}
         if has_torch:
             runs["torch sparse"] = torch_stepper(table, ids, row_grads)
-        ms = median_ms(runs, args.repeats)
-        cells = " | ".join(f"{ms[n]:.2f}" for n in names)
-        grad_mb = f"{rows * args.dim * 4 / 2**20:,.1f}, {args.batch * args.dim * 4 / 2**20:.1f}"
+        seconds = time_rounds(runs, args.rounds, args.steps)
+        cells = " | ".join(f"{1e3 * np.median(seconds[n]):.2f}" if n in seconds else "-" for n in names)
+        slower = [n.removesuffix(" / sparse") for n in against]
+        ratios = " | ".join(ratio(seconds[n], seconds["sparse"]) if n in seconds else "-" for n in slower)
+        grad_mb = f"{rows * args.dim * 4 / 2**20:,.1f} dense, {args.batch * args.dim * 4 / 2**20:.1f} sparse"
         distinct = len(np.unique(np.array(ids)))
-        print(
-            f"| {rows:.0e} | {distinct:,} | {cells} | {ms['mlx dense'] / ms['mlx sparse']:.1f}x | {grad_mb} |",
-            flush=True,
-        )
+        print(f"| {rows:.0e} | {distinct:,} | {cells} | {ratios} | {grad_mb} |", flush=True)
         del runs, table
 
 
