@@ -260,7 +260,8 @@ class Adagrad(Optimizer):
         self, model: nn.Module, path: str, ids: mx.array, row_gradients: mx.array, cpu_pairs: bool | None = None
     ):
         """Adagrad on the rows of the table at `path` that `ids` name, given the gradient with
-        respect to those looked-up rows (``row_gradients[i]`` for ``ids[i]``, duplicates allowed).
+        respect to those looked-up rows (``row_gradients[i]`` for ``ids[i]``, duplicates allowed;
+        ids in [-rows, rows), a negative id counting from the end, as in a lookup).
 
         Equal to the dense update on the touched rows, bit for bit: duplicates are summed first,
         in the order they come, as the dense gradient sums them. Untouched rows and their state
