@@ -103,10 +103,11 @@ def test_both_scatter_formulations_equal_the_dense_update_bit_for_bit(cpu_pairs,
     # the real and the imaginary parts); an odd width, which has no pairs, takes the float32 path.
     # Negative ids address rows from the end in the dense lookup: they must meet their row's
     # other ids in one slot, or the accumulator would add two squares instead of one.
-    dense_w, dense_v, touched, table = run({}, sparse=False, compiled=True, rowwise=rowwise, dim=dim, negative=True)
-    sparse_w, sparse_v, _, _ = run(
-        {}, sparse=True, compiled=True, rowwise=rowwise, dim=dim, cpu_pairs=cpu_pairs, negative=True
-    )
+    with mx.stream(mx.cpu if cpu_pairs else mx.default_device()):  # the pairs are the CPU's formulation
+        dense_w, dense_v, touched, table = run({}, sparse=False, compiled=True, rowwise=rowwise, dim=dim, negative=True)
+        sparse_w, sparse_v, _, _ = run(
+            {}, sparse=True, compiled=True, rowwise=rowwise, dim=dim, cpu_pairs=cpu_pairs, negative=True
+        )
     np.testing.assert_array_equal(sparse_w, dense_w)
     np.testing.assert_array_equal(sparse_v, dense_v)
     assert len(touched) < ROWS and not np.array_equal(sparse_w[touched], table[touched])
