@@ -230,15 +230,24 @@ class Adagrad(Optimizer):
         state["v"] = mx.full(parameter.shape, self.initial_accumulator_value, self._state_dtype(parameter))
 
     def apply_single(self, gradient: mx.array, parameter: mx.array, state: dict):
+        key, v = self._accumulator(state, parameter)
+        parameter, state[key] = self._update[key == "v_row"](parameter, gradient, v, self._step_lr())
+        return parameter
+
+    def _step_lr(self):
+        """lr_t = lr(t) / (1 + (t - 1) * lr_decay)."""
         lr = self.learning_rate
         if self.lr_decay:
             lr = lr / (1 + (self.step - 1).astype(lr.dtype) * self.lr_decay)
+        return lr
+
+    def _accumulator(self, state, parameter):
+        """(key, v): the parameter's accumulator, "v" or "v_row", in its state dtype."""
         key = "v_row" if "v_row" in state else "v"
         v = state[key]
         if v.dtype != self._state_dtype(parameter):  # a state saved by another optimizer: float16 / bfloat16 v
             v = v.astype(self._state_dtype(parameter))
-        parameter, state[key] = self._update[key == "v_row"](parameter, gradient, v, lr)
-        return parameter
+        return key, v
 
     # -----------------------------------------------------------------------------------
     # Sparse updates: only the rows of a table that a batch looked up (see SparseEmbedding)
@@ -286,13 +295,8 @@ class Adagrad(Optimizer):
             cpu_pairs = mx.default_device() == mx.cpu
         slot, slot_ids = _runs(ids)
         totals = _segment_sum(slot, row_gradients, cpu_pairs)  # one slot per distinct id, in id order
-        lr = self.learning_rate
-        if self.lr_decay:
-            lr = lr / (1 + (self.step - 1).astype(lr.dtype) * self.lr_decay)
-        key = "v_row" if "v_row" in state else "v"
-        v = state[key]
-        if v.dtype != self._state_dtype(table):  # a state saved by another optimizer: float16 / bfloat16 v
-            v = v.astype(self._state_dtype(table))
+        lr = self._step_lr()
+        key, v = self._accumulator(state, table)
         if self.weight_decay or self.l1 or self.l2 or table.dtype != mx.float32:
             g = totals[slot]  # each entry's id's total: duplicates write the same rows
             rows, v_rows = self._update[key == "v_row"](table[ids], g, v[ids], lr)
