@@ -10,7 +10,7 @@ turns it into a table update:
   mlx.optimizers dense  the gradient MLX gives nn.Embedding (a scatter-add into a zero table), then
                         mlx.optimizers.Adagrad on the whole table: what an MLX user runs today
   dense                 the same gradient, adagrad.py's Adagrad.update (in place) on the whole table
-  sparse                adagrad.py's Adagrad.update_rows: duplicates summed, only those rows updated
+  sparse                adagrad_sparse.py's SparseAdagrad.update_rows: duplicates summed, only those rows updated
   torch sparse          nn.Embedding(sparse=True), backward, torch.optim.Adagrad.step (if torch is
                         installed)
 
@@ -37,8 +37,9 @@ import mlx.nn as nn  # noqa: E402
 import mlx.optimizers as optim  # noqa: E402
 import numpy as np  # noqa: E402
 
-import cpu_tuning  # noqa: E402
-from adagrad import Adagrad, SparseEmbedding  # noqa: E402
+from adagrad import Adagrad  # noqa: E402
+from adagrad_sparse import SparseAdagrad, SparseEmbedding  # noqa: E402
+from training import cpu_tuning  # noqa: E402
 
 
 class Table(nn.Module):
@@ -51,7 +52,9 @@ class Table(nn.Module):
 def mlx_stepper(table, ids, row_grads, variant):
     sparse = variant == "sparse"
     model = Table(table, sparse)
-    optimizer = optim.Adagrad(0.01) if variant == "mlx.optimizers dense" else Adagrad(0.01)
+    optimizer = (
+        optim.Adagrad(0.01) if variant == "mlx.optimizers dense" else (SparseAdagrad if sparse else Adagrad)(0.01)
+    )
     optimizer.init(model.trainable_parameters())
     if sparse:
         optimizer.init_rows(model, "embedding.weight")

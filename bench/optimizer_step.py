@@ -22,8 +22,8 @@ import mlx.core as mx  # noqa: E402
 import mlx.optimizers as optim  # noqa: E402
 import numpy as np  # noqa: E402
 
-import cpu_tuning  # noqa: E402
 from adagrad import Adagrad  # noqa: E402
+from training import cpu_tuning  # noqa: E402
 
 
 def numpy_floor_ms(n, repeats):

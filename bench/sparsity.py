@@ -20,9 +20,9 @@ import mlx.core as mx  # noqa: E402
 import mlx.nn as nn  # noqa: E402
 import numpy as np  # noqa: E402
 
-import cpu_tuning  # noqa: E402
 from adagrad import Adagrad  # noqa: E402
 from adagrad_da import AdagradDA  # noqa: E402
+from training import cpu_tuning  # noqa: E402
 
 NOISE = 0.1
 

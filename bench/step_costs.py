@@ -30,7 +30,6 @@ import mlx.optimizers as optim  # noqa: E402
 import numpy as np  # noqa: E402
 from mlx.utils import tree_flatten, tree_unflatten  # noqa: E402
 
-import cpu_tuning  # noqa: E402
 from adagrad import Adagrad  # noqa: E402
 from bench.train_step import (
     CONTEXT,
@@ -48,7 +47,9 @@ from data.mnist import random_shift  # noqa: E402
 from models.cnn import CNN  # noqa: E402
 from models.cpu_ops import softmax_cross_entropy  # noqa: E402
 from models.mlp import MLP  # noqa: E402
+from models.ops import CPU  # noqa: E402
 from models.transformer import Block, ClassSoftmax  # noqa: E402
+from training import cpu_tuning  # noqa: E402
 
 
 def mlp_step(dropout, make_optimizer, shift):
@@ -82,7 +83,7 @@ def cnn_block(name, mlx_layers=False):
     """One conv + max-pool block of models/cnn.py at batch 128, NHWC: forward, then backward from a
     dense random cotangent into its parameters and, where training needs it, its input (the first
     block's is the images). mlx_layers: as nn.Conv2d then nn.MaxPool2d compute it, not ConvPool."""
-    block = CNN(cpu_ops=True).convs[int(name[-1]) - 1]
+    block = CNN(ops=CPU).convs[int(name[-1]) - 1]
     x = mx.random.normal((128, 28, 28, 1) if name == "block1" else (128, 14, 14, 32))
     layer = (lambda x: nn.MaxPool2d(2, 2)(nn.Conv2d.__call__(block, x))) if mlx_layers else block
     function, parameters = of_parameters(block, layer)
@@ -188,7 +189,7 @@ LM_PARTS = [
 def lm_part(name):
     """One part of a block of the Tiny Shakespeare LM on 16 x 64 tokens, 128 wide: forward, then backward
     from a dense random cotangent into its parameters and its input."""
-    block = Block(LM_DIM, 4, 0.0, rope=True, cpu_ops=True)
+    block = Block(LM_DIM, 4, 0.0, rope=True, ops=CPU)
     part = {"norm": block.attention_norm, "attention": block.attention, "mlp": block.mlp, "block": block}[name]
     function, parameters = of_parameters(part, part)
     return forward_backward(function, [mx.random.normal((LM_BATCH, CONTEXT, LM_DIM)), *parameters])

@@ -32,27 +32,30 @@ import mlx.core as mx  # noqa: E402
 import mlx.nn as nn  # noqa: E402
 import numpy as np  # noqa: E402
 
-import cpu_tuning  # noqa: E402
 from adagrad import Adagrad  # noqa: E402
 from models.cnn import CNN  # noqa: E402
 from models.mlp import MLP  # noqa: E402
+from models.ops import CPU  # noqa: E402
 from models.transformer import Transformer  # noqa: E402
-from train import RECIPES, build_parser, training_step  # noqa: E402
+from training import (
+    cpu_tuning,  # noqa: E402
+    options,  # noqa: E402
+)
+from training.step import training_step  # noqa: E402
 
 VOCAB = {"lm": 1024, "ptb": 10261}  # train.py --task lm's vocabularies: BPE default, PTB's words
 SOFTMAX = {"lm": "full", "ptb": "class"}  # and its output layers and depths for them
-LAYERS = {"lm": RECIPES["dataset"]["tinyshakespeare"]["layers"], "ptb": RECIPES["dataset"]["ptb"]["layers"]}
-TRAIN_PARSER = build_parser()
-CONTEXT, LM_DIM = TRAIN_PARSER.get_default("context"), TRAIN_PARSER.get_default("dim")
-LM_BATCH, LM_DROPOUT = RECIPES["task"]["lm"]["batch_size"], RECIPES["model"]["transformer"]["dropout"]
+RECIPE = {"lm": options.parse(["--task", "lm"]), "ptb": options.parse(["--task", "lm", "--dataset", "ptb"])}
+LAYERS = {name: config.layers for name, config in RECIPE.items()}
+CONTEXT, LM_DIM, LM_BATCH, LM_DROPOUT = (getattr(RECIPE["lm"], k) for k in ("context", "dim", "batch_size", "dropout"))
 
 
 def make_mlx_model(name):
     if name in VOCAB:
         return Transformer(
-            VOCAB[name], CONTEXT, LAYERS[name], LM_DIM, dropout=LM_DROPOUT, softmax=SOFTMAX[name], cpu_ops=True
+            VOCAB[name], CONTEXT, LAYERS[name], LM_DIM, dropout=LM_DROPOUT, softmax=SOFTMAX[name], ops=CPU
         )
-    return MLP() if name == "mlp" else CNN(cpu_ops=True)
+    return MLP() if name == "mlp" else CNN(ops=CPU)
 
 
 def make_batch(name, rng):

@@ -3,17 +3,17 @@ import mlx.nn as nn
 
 from models.conv import ConvPool
 from models.dense import Dense
+from models.ops import STOCK
 
 
 class CNN(nn.Module):
     """Two 3x3 conv + max-pool blocks (32, 64 channels), then 128 hidden units; takes uint8 NHWC images.
 
-    cpu_ops=True computes each block as models/conv.py does for MLX's CPU kernels; False with MLX's
-    nn.Conv2d and nn.MaxPool2d (for a GPU). Same parameters either way."""
+    Each block is computed by `ops.conv_pool` (models/ops.py): the same parameters either way."""
 
-    def __init__(self, channels=(32, 64), hidden=128, dropout=0.5, num_classes=10, cpu_ops=False):
+    def __init__(self, channels=(32, 64), hidden=128, dropout=0.5, num_classes=10, ops=STOCK):
         super().__init__()
-        self.convs = [ConvPool(1, channels[0], cpu_ops), ConvPool(channels[0], channels[1], cpu_ops)]
+        self.convs = [ConvPool(1, channels[0], ops.conv_pool), ConvPool(channels[0], channels[1], ops.conv_pool)]
         self.fc = Dense(7 * 7 * channels[1], hidden)
         self.head = Dense(hidden, num_classes)
         self.dropout = nn.Dropout(dropout)

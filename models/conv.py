@@ -125,24 +125,33 @@ def winograd_by_parity_vjp(primals, cotangents, outputs):
 
 
 class ConvPool(nn.Conv2d):
-    """nn.MaxPool2d(2, 2)(nn.Conv2d(in, out, 3, padding=1)(x)) as one layer, with nn.Conv2d's parameters.
+    """nn.MaxPool2d(2, 2)(nn.Conv2d(in, out, 3, padding=1)(x)) as one layer, with nn.Conv2d's parameters,
+    computed by `conv_pool(layer, x)`: stock_conv_pool or parity_conv_pool (models/ops.py chooses)."""
 
-    With cpu_ops (for MLX's CPU kernels) the convolution comes out grouped by pixel parity, by
+    def __init__(self, in_channels: int, out_channels: int, conv_pool=None):
+        super().__init__(in_channels, out_channels, 3, padding=1)
+        self.conv_pool = conv_pool or stock_conv_pool
+
+    def __call__(self, x):
+        return self.conv_pool(self, x)
+
+
+def stock_conv_pool(layer: nn.Conv2d, x):
+    """MLX's nn.Conv2d, then nn.MaxPool2d(2, 2)."""
+    return nn.MaxPool2d(2, 2)(nn.Conv2d.__call__(layer, x))
+
+
+def parity_conv_pool(layer: nn.Conv2d, x):
+    """The same for MLX's CPU kernels: the convolution comes out grouped by pixel parity, by
     Winograd's algorithm (winograd_by_parity) from 16 input channels up, else unfolded
     (conv3x3_by_parity), so the pooling is a max over the first axis of contiguous blocks rather than
     over a strided view (the same function, gradient included: the cotangent split evenly among tied
     maxima). The bias comes after the max, on a quarter of the values: max(y) + b = max(y + b)
     exactly, rounding being monotonic; the gradient differs from the two MLX layers' only where two
     outputs differ but round equal once b is added (they split the cotangent there; this gives it to
-    the larger). Without cpu_ops, or for odd sizes, it is the two MLX layers.
+    the larger). Odd sizes: the two MLX layers.
     """
-
-    def __init__(self, in_channels: int, out_channels: int, cpu_ops: bool = False):
-        super().__init__(in_channels, out_channels, 3, padding=1)
-        self.cpu_ops = cpu_ops
-
-    def __call__(self, x):
-        if not self.cpu_ops or x.shape[1] % 2 or x.shape[2] % 2:
-            return nn.MaxPool2d(2, 2)(super().__call__(x))
-        convolution = winograd_by_parity if x.shape[-1] >= WINOGRAD_MIN_CHANNELS else conv3x3_by_parity
-        return convolution(x, self.weight)[0].max(axis=0) + self.bias
+    if x.shape[1] % 2 or x.shape[2] % 2:
+        return stock_conv_pool(layer, x)
+    convolution = winograd_by_parity if x.shape[-1] >= WINOGRAD_MIN_CHANNELS else conv3x3_by_parity
+    return convolution(x, layer.weight)[0].max(axis=0) + layer.bias

@@ -1,7 +1,7 @@
 """Attention and cross-entropy written for MLX's CPU backend; the models use them on the CPU only.
 
 Why they exist: on the CPU, mx.compile fuses elementwise operations into C++ kernels it builds
-(with cpu_tuning.py, vectorised for this CPU), but a lone `exp`, a softmax or a logsumexp runs one
+(with training/cpu_tuning.py, vectorised for this CPU), but a lone `exp`, a softmax or a logsumexp runs one
 of MLX's prebuilt kernels, which compute exp one element at a time. These functions spell the
 same arithmetic out so that every `exp` lands inside a fused kernel, and give it vjps that reuse
 the forward's softmax instead of recomputing it:
@@ -12,8 +12,8 @@ the forward's softmax instead of recomputing it:
                             instead of two: equal within float32 rounding
 
 On a GPU, MLX's fused kernels (mx.fast.scaled_dot_product_attention, its softmax) are the fast
-path, so the models call stock_attention and stock_cross_entropy there (train.py chooses by device;
---stock-ops forces them on the CPU too). Measurements: docs/performance.md.
+path, so the models call stock_attention and stock_cross_entropy there (models/ops.py chooses by
+device; train.py --stock-ops forces them on the CPU too). Measurements: docs/performance.md.
 """
 
 import mlx.core as mx

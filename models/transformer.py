@@ -3,18 +3,18 @@ import math
 import mlx.core as mx
 import mlx.nn as nn
 
-from adagrad import SparseEmbedding
-from models.cpu_ops import causal_attention, softmax_cross_entropy, stock_attention, stock_cross_entropy
+from adagrad_sparse import SparseEmbedding
 from models.dense import Dense
+from models.ops import STOCK, Ops
 
 
 class Attention(nn.Module):
-    """Causal multi-head self-attention (cpu_ops: attention spelled out for MLX's CPU kernels)."""
+    """Causal multi-head self-attention, computed by `attend` (an Ops.attention)."""
 
-    def __init__(self, dim: int, heads: int, rope: bool, cpu_ops: bool = False):
+    def __init__(self, dim: int, heads: int, rope: bool, attend=STOCK.attention):
         super().__init__()
         self.heads = heads
-        self.attend = causal_attention if cpu_ops else stock_attention
+        self.attend = attend
         self.qkv = Dense(dim, 3 * dim, bias=False)
         self.out = Dense(dim, dim, bias=False)
         self.rope = nn.RoPE(dim // heads) if rope else None
@@ -31,10 +31,10 @@ class Attention(nn.Module):
 class Block(nn.Module):
     """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x))."""
 
-    def __init__(self, dim: int, heads: int, dropout: float, rope: bool, cpu_ops: bool = False):
+    def __init__(self, dim: int, heads: int, dropout: float, rope: bool, ops: Ops = STOCK):
         super().__init__()
         self.attention_norm = nn.LayerNorm(dim)
-        self.attention = Attention(dim, heads, rope, cpu_ops)
+        self.attention = Attention(dim, heads, rope, ops.attention)
         self.mlp_norm = nn.LayerNorm(dim)
         # ReLU, not GELU: MLX's CPU erf is slow (docs/performance.md)
         self.mlp = nn.Sequential(Dense(dim, 4 * dim), nn.ReLU(), Dense(4 * dim, dim))
@@ -106,12 +106,12 @@ class Transformer(nn.Module):
     positions="rope" rotates queries and keys (nn.RoPE); "learned" adds a position embedding.
     softmax="full" scores every word of the vocabulary; "class" factors the output through word
     classes (ClassSoftmax), for large vocabularies whose ids are sorted by frequency.
-    cpu_ops=True computes attention and the full softmax's cross-entropy as models/cpu_ops.py does
-    for MLX's CPU kernels; False with MLX's fused ones (for a GPU). Same parameters either way.
+    `ops` (models/ops.py) computes attention and the full softmax's cross-entropy: MLX's fused
+    ones (STOCK) or those written for its CPU kernels (CPU). Same parameters either way.
     hash_buckets > 0 adds to each token's input vector a row of a table of that many rows, chosen
     by hashing the token with the one before it (hashed bigram features): a large table of which
-    a batch uses few rows. sparse_embedding=True makes the input tables adagrad.SparseEmbedding
-    tables (updated only where a batch looked them up, by Adagrad.update_rows); a frozen table
+    a batch uses few rows. sparse_embedding=True makes the input tables adagrad_sparse.SparseEmbedding
+    tables (updated only where a batch looked them up, by SparseAdagrad.update_rows); a frozen table
     cannot be tied, so it needs tied=False: the output then has a (vocab, dim) table of its own.
     """
 
@@ -125,7 +125,7 @@ class Transformer(nn.Module):
         dropout: float = 0.0,
         positions: str = "rope",
         softmax: str = "full",
-        cpu_ops: bool = False,
+        ops: Ops = STOCK,
         tied: bool = True,
         sparse_embedding: bool = False,
         hash_buckets: int = 0,
@@ -138,8 +138,8 @@ class Transformer(nn.Module):
         self.embedding = SparseEmbedding(vocab_size, dim) if sparse_embedding else nn.Embedding(vocab_size, dim)
         if positions == "learned":
             self.position_embedding = nn.Embedding(context, dim)
-        self.blocks = [Block(dim, heads, dropout, positions == "rope", cpu_ops) for _ in range(layers)]
-        self.cross_entropy = softmax_cross_entropy if cpu_ops else stock_cross_entropy
+        self.blocks = [Block(dim, heads, dropout, positions == "rope", ops) for _ in range(layers)]
+        self.cross_entropy = ops.cross_entropy
         self.norm = nn.LayerNorm(dim)
         self.dropout = nn.Dropout(dropout)
         self.embedding.weight = 0.02 * mx.random.normal(self.embedding.weight.shape)

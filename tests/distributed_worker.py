@@ -8,7 +8,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parents[1]))
 
-import cpu_tuning  # noqa: E402
+from training import cpu_tuning  # noqa: E402
 
 cpu_tuning.enable(cpu_tuning.default_on())  # before mlx.core: train.main(argv) does not restart the process
 

@@ -6,7 +6,7 @@ import mlx.nn as nn
 import numpy as np
 import pytest
 
-from models.conv import WINOGRAD_MIN_CHANNELS, ConvPool
+from models.conv import WINOGRAD_MIN_CHANNELS, ConvPool, parity_conv_pool
 
 
 def forward_and_gradients(layer, compiled=False):
@@ -47,7 +47,7 @@ def test_same_function_and_gradients_as_conv2d_then_maxpool2d(shape, channels, c
     mx.random.seed(2)
     reference = ConvThenMaxPool(shape[-1], channels, 3, padding=1)
     mx.random.seed(2)
-    ours = ConvPool(shape[-1], channels, cpu_ops=True)  # drawn as nn.Conv2d draws them
+    ours = ConvPool(shape[-1], channels, parity_conv_pool)  # drawn as nn.Conv2d draws them
     assert all(mx.array_equal(a, b) for a, b in zip(reference.parameters().values(), ours.parameters().values()))
     x, cotangent = images_with_blank_areas(shape), mx.random.normal((shape[0], shape[1] // 2, shape[2] // 2, channels))
     expected = forward_and_gradients(reference, compiled)(x, cotangent)
@@ -80,7 +80,7 @@ def test_parity_blocks_max_is_mlx_max_pooling_bit_for_bit():
 
 
 def test_odd_sizes_are_the_two_mlx_layers():
-    ours, reference = ConvPool(3, 5, cpu_ops=True), ConvThenMaxPool(3, 5, 3, padding=1)
+    ours, reference = ConvPool(3, 5, parity_conv_pool), ConvThenMaxPool(3, 5, 3, padding=1)
     reference.update(ours.parameters())
     x = mx.random.normal((2, 7, 9, 3))
     assert ours(x).shape == (2, 3, 4, 5) and mx.array_equal(ours(x), reference(x))
@@ -88,7 +88,7 @@ def test_odd_sizes_are_the_two_mlx_layers():
 
 @pytest.mark.parametrize("in_channels", [8, WINOGRAD_MIN_CHANNELS])  # unfolded, Winograd's
 def test_compiled_equals_eager_bit_for_bit(in_channels):
-    layer, x = ConvPool(in_channels, 16, cpu_ops=True), images_with_blank_areas((4, 10, 6, in_channels))
+    layer, x = ConvPool(in_channels, 16, parity_conv_pool), images_with_blank_areas((4, 10, 6, in_channels))
     cotangent = mx.random.normal((4, 5, 3, 16))
     eager, compiled = (
         forward_and_gradients(layer)(x, cotangent),

@@ -15,6 +15,7 @@ from mlx.utils import tree_flatten
 
 import train
 from models.cnn import CNN
+from models.ops import CPU, STOCK
 from models.transformer import Transformer
 from tests.test_lm import TINY_MODEL, make_text
 from tests.test_mnist import losses, run_train, write_small_mnist
@@ -52,7 +53,7 @@ def test_transformer_stock_ops_match_the_cpu_ones(softmax):
     models = {}
     for cpu_ops in (True, False):
         mx.random.seed(3)
-        models[cpu_ops] = Transformer(97, 16, layers=2, dim=32, heads=4, softmax=softmax, cpu_ops=cpu_ops)
+        models[cpu_ops] = Transformer(97, 16, layers=2, dim=32, heads=4, softmax=softmax, ops=CPU if cpu_ops else STOCK)
     assert_close(
         dict(tree_flatten(models[True].parameters())),
         dict(tree_flatten(models[False].parameters())),
@@ -75,7 +76,7 @@ def test_cnn_stock_ops_match_the_cpu_ones():
     models = {}
     for cpu_ops in (True, False):
         mx.random.seed(4)
-        models[cpu_ops] = CNN(dropout=0.0, cpu_ops=cpu_ops)
+        models[cpu_ops] = CNN(dropout=0.0, ops=CPU if cpu_ops else STOCK)
     images = mx.random.randint(0, 256, (8, 28, 28, 1), key=mx.random.key(2)).astype(mx.uint8)
     labels = mx.random.randint(0, 10, (8,), key=mx.random.key(3))
     results = {

@@ -14,6 +14,7 @@ from mlx.utils import tree_flatten
 import train
 from tests.test_lm import TINY_MODEL, make_text
 from tests.test_mnist import losses, small_run, write_small_mnist
+from training.step import shard
 
 REPO = Path(__file__).parents[1]
 LAUNCH = Path(sys.executable).with_name("mlx.launch")
@@ -72,14 +73,14 @@ def launch(tmp_path, name, *args, processes=2, log=None):
 
 def test_shards_are_disjoint_cover_the_batch_and_scale_to_its_mean():
     images, labels = np.arange(7 * 3).reshape(7, 3), np.arange(7)
-    shards = [train.shard((images, labels), rank, 3) for rank in range(3)]
+    shards = [shard((images, labels), rank, 3) for rank in range(3)]
     assert np.concatenate([np.array(targets) for _, targets, _ in shards]).tolist() == labels.tolist()
     assert [len(targets) for _, targets, _ in shards] == [3, 2, 2]
     assert all(scale.item() == np.float32(3 / 7) for _, _, scale in shards)
     # mean over processes of (shard sum * world / n) is the global mean
     per_process = [np.array(targets).sum() * scale.item() for _, targets, scale in shards]
     assert np.isclose(np.mean(per_process), labels.mean())
-    ((inputs, targets, scale),) = [train.shard((images, labels), 0, 1)]
+    ((inputs, targets, scale),) = [shard((images, labels), 0, 1)]
     assert np.array_equal(np.array(inputs), images) and np.array_equal(np.array(targets), labels)
     assert scale.item() == np.float32(1 / 7)
 

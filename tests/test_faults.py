@@ -16,10 +16,10 @@ from pathlib import Path
 import mlx.core as mx
 import pytest
 
-import checkpoint
 import train
 from tests.test_lm import make_text
 from tests.test_mnist import write_small_mnist
+from training import checkpoint
 
 REPO = Path(__file__).parents[1]
 SMALL = ["--batch-size", "32", "--epochs", "2", "--log-every", "1", "--verify-data", "off"]
@@ -168,10 +168,13 @@ CORPUS = [  # (arguments after --data-dir, a fragment of the one line they must 
     (["--dropout", "1"], "--dropout must be in [0, 1)"),
     (["--augment-shift", "-2"], "--augment-shift must be >= 0"),
     (["--blas-threads", "0"], "--blas-threads must be > 0"),
-    (["--weight-decay", "0.1", "--optimizer", "adam"], "adam has no weight decay"),
+    (
+        ["--weight-decay", "0.1", "--optimizer", "adam"],
+        "--weight-decay is an option of --optimizer adagrad, sgd or adamw, not adam",
+    ),
     (["--lr-decay", "0.1", "--optimizer", "sgd"], "is an option of --optimizer adagrad"),
     (["--l1", "0.1", "--optimizer", "adamw"], "--l1 is an option of --optimizer adagrad or adagrad-da"),
-    (["--rowwise-embeddings"], "needs a model with embedding tables"),
+    (["--rowwise-embeddings"], "--rowwise-embeddings is an option of --task lm, not mnist"),
     (["--model", "transformer"], "does not fit --task mnist"),
     (["--task", "lm", "--model", "cnn"], "does not fit --task lm"),
     (["--dataset", "cifar10"], "is not an image dataset"),

@@ -2,23 +2,21 @@
 
 import json
 import math
-import os
 import re
 import time
-from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 import pytest
 
-import tasks
 import train
 from data import DataError, text
 from models.cpu_ops import causal_attention, softmax_cross_entropy
+from models.ops import CPU
 from models.transformer import ClassSoftmax
+from training import options, tasks
 
-SHARED_DATA = Path(os.environ.get("MLX_ADAGRAD_DATA", Path(__file__).parents[2] / "shared" / "data"))
 TINY_MODEL = [
     "--verify-data",
     "off",
@@ -135,19 +133,15 @@ def test_ptb_defaults_to_words_and_a_class_softmax_and_other_text_to_bpe():
         (["--dataset", "ptb", "--tokenizer", "bpe"], "bpe", 1024, "full"),
         (["--dataset", "ptb", "--softmax", "full"], "word", None, "full"),
     ]:
-        args = train.build_parser().parse_args(["--task", "lm", *argv])
-        args = train.with_defaults(args)
+        args = options.parse(["--task", "lm", *argv])
         assert (args.tokenizer, args.vocab_size, args.softmax) == (tokenizer, vocab, softmax)
 
 
 def test_each_dataset_has_its_recipe_and_flags_override_it():
     for dataset in ["tinyshakespeare", "ptb", "some.txt"]:
-        args = train.build_parser().parse_args(["--task", "lm", "--dataset", dataset])
-        args = train.with_defaults(args)
-        recipe = train.RECIPES["dataset"].get(dataset, train.RECIPES["dataset"]["other"])
-        assert (args.epochs, args.layers) == (recipe["epochs"], recipe["layers"])
-    args = train.build_parser().parse_args(["--task", "lm", "--dataset", "ptb", "--layers", "2", "--epochs", "9"])
-    args = train.with_defaults(args)
+        args = options.parse(["--task", "lm", "--dataset", dataset])
+        assert (args.epochs, args.layers) == {"tinyshakespeare": (8, 4), "ptb": (8, 2), "some.txt": (1, 4)}[dataset]
+    args = options.parse(["--task", "lm", "--dataset", "ptb", "--layers", "2", "--epochs", "9"])
     assert (args.epochs, args.layers) == (9, 2)
 
 
@@ -274,12 +268,11 @@ def test_by_frequency_and_the_sampled_text_go_through_the_renumbered_vocabulary(
     ptb.mkdir()
     for split in ("train", "valid", "test"):
         (ptb / f"ptb.{split}.txt").write_text(ptb_like(seed=len(split)))
-    args = train.build_parser().parse_args(
+    args = options.parse(
         [*TINY_MODEL[:-2], "--dataset", "ptb", "--data-dir", str(tmp_path), "--cache-dir", str(tmp_path / "cache")]
     )
-    args = train.with_defaults(args)
     assert args.softmax == "class"  # the default for a word vocabulary
-    task = tasks.setup_lm(args, cpu_ops=True)
+    task = tasks.setup_lm(args, CPU)
     assert np.all(np.diff(np.bincount(task.batches.tokens)) <= 0)  # the model sees ids numbered by frequency
     counts = {}
     for word in (ptb / "ptb.train.txt").read_text().replace("\n", " \n ").split(" "):
@@ -301,7 +294,7 @@ def test_metrics_by_hand_on_a_uniform_model(tmp_path):
     ptb.mkdir()
     for split in ("train", "valid", "test"):
         (ptb / f"ptb.{split}.txt").write_text(make_text(seed=len(split)).replace(",", "<unk>"))
-    args = train.build_parser().parse_args(
+    args = options.parse(
         [
             *TINY_MODEL,
             "--dataset",
@@ -314,8 +307,7 @@ def test_metrics_by_hand_on_a_uniform_model(tmp_path):
             str(tmp_path / "cache"),
         ]
     )
-    args = train.with_defaults(args)
-    task = tasks.setup_lm(args, cpu_ops=True)
+    task = tasks.setup_lm(args, CPU)
     vocab = task.model.embedding.weight.shape[0]
 
     class Uniform(nn.Module):
@@ -339,7 +331,7 @@ def test_word_level_ptb_perplexity_is_the_exponential_of_the_token_loss(tmp_path
     for split in ("train", "valid", "test"):
         (tmp_path / "ptb").mkdir(exist_ok=True)
         (tmp_path / "ptb" / f"ptb.{split}.txt").write_text(ptb_like(seed=len(split)))
-    args = train.build_parser().parse_args(
+    args = options.parse(
         [
             *TINY_MODEL[:-2],
             "--dataset",
@@ -350,8 +342,7 @@ def test_word_level_ptb_perplexity_is_the_exponential_of_the_token_loss(tmp_path
             str(tmp_path / "cache"),
         ]
     )
-    args = train.with_defaults(args)
-    task = tasks.setup_lm(args, cpu_ops=True)
+    task = tasks.setup_lm(args, CPU)
     metrics, _ = task.evaluate(task.model, final=True)
     for split in ("val", "test"):
         assert metrics[f"{split}_word_ppl"] == pytest.approx(math.exp(metrics[f"{split}_loss"]), rel=1e-12)
@@ -462,17 +453,14 @@ def test_wikitext2_hub_records_become_splits():
 
 
 @pytest.mark.parametrize("dataset", ["tinyshakespeare", "ptb"])
-def test_real_text_short_run(tmp_path, dataset):
-    if not (SHARED_DATA / dataset).is_dir():
-        pytest.skip(
-            f"real {dataset} not found at {SHARED_DATA / dataset} (set MLX_ADAGRAD_DATA to the shared data folder)"
-        )
+def test_real_text_short_run(tmp_path, dataset, real_data):
+    data_dir = real_data(dataset)
     records = run_lm(
         tmp_path,
         "--dataset",
         dataset,
         "--data-dir",
-        str(SHARED_DATA),
+        str(data_dir),
         "--vocab-size",
         "512",
         "--dim",

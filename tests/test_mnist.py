@@ -20,8 +20,7 @@ import pytest
 import train
 from data import DataError, mnist
 from data.download import ensure_file
-
-SHARED_DATA = Path(os.environ.get("MLX_ADAGRAD_DATA", Path(__file__).parents[2] / "shared" / "data"))
+from training.step import split_rows
 
 
 def write_idx(path, magic, array, truncate=0):
@@ -339,7 +338,7 @@ def test_diverging_run_stops_and_keeps_last_good_checkpoint(tmp_path, capsys):
         (["--batch-size", "2", "--streams", "3"], "--batch-size 2 is smaller than the 1 process"),
         (["--l1", "-1"], "--l1 must be >= 0"),
         (["--optimizer", "adamw", "--l2", "0.1"], "--l2 is an option of --optimizer adagrad or adagrad-da"),
-        (["--rowwise-embeddings"], "needs a model with embedding tables"),
+        (["--rowwise-embeddings"], "--rowwise-embeddings is an option of --task lm, not mnist"),
         (["--dataset", "fashion-mnist"], "is missing and could not be downloaded|put train-images"),
     ],
 )
@@ -354,12 +353,8 @@ def test_bad_command_lines_give_one_line_errors(tmp_path, capsys, monkeypatch, a
     assert __import__("re").search(message, err[0])
 
 
-@pytest.mark.skipif(
-    not (SHARED_DATA / "mnist").is_dir(),
-    reason=f"real MNIST not found at {SHARED_DATA / 'mnist'} (set MLX_ADAGRAD_DATA to the shared data folder)",
-)
-def test_real_mnist_one_epoch(tmp_path, capsys):
-    train.main(["--data-dir", str(SHARED_DATA), "--epochs", "1", "--log-file", str(tmp_path / "log.jsonl")])
+def test_real_mnist_one_epoch(tmp_path, capsys, real_data):
+    train.main(["--data-dir", str(real_data("mnist")), "--epochs", "1", "--log-file", str(tmp_path / "log.jsonl")])
     records = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
     assert records[0]["config"]["dataset"] == "mnist" and "blas" in records[0]
     # One epoch of the default MLP recipe; the full 24-epoch run reaches 98.87% (README).
@@ -377,7 +372,7 @@ def test_l1_and_dual_averaging_run_and_report_exact_zeros(tmp_path, capsys):
 
 
 def test_split_rows_cuts_as_numpy_and_never_makes_an_empty_part():
-    assert [part.tolist() for part in train.split_rows(mx.arange(5), 3)] == [[0, 1], [2, 3], [4]]
-    assert [part.tolist() for part in train.split_rows(mx.arange(1), 2)] == [[0]]  # a last batch of one row
+    assert [part.tolist() for part in split_rows(mx.arange(5), 3)] == [[0, 1], [2, 3], [4]]
+    assert [part.tolist() for part in split_rows(mx.arange(1), 2)] == [[0]]  # a last batch of one row
     rows = mx.arange(6)
-    assert train.split_rows(rows, 1)[0] is rows
+    assert split_rows(rows, 1)[0] is rows

@@ -1,7 +1,6 @@
 """train.py --reproduce: a recorded run is rerun and every logged value compared."""
 
 import json
-import os
 from pathlib import Path
 
 import pytest
@@ -10,7 +9,6 @@ import train
 from tests.test_mnist import small_run, write_small_mnist
 
 REPO = Path(__file__).parents[1]
-SHARED_DATA = Path(os.environ.get("MLX_ADAGRAD_DATA", REPO.parent / "shared" / "data"))
 
 
 def reproduce(capsys, log, steps, data_dir=None):
@@ -60,14 +58,10 @@ def test_not_a_log_is_a_one_line_error(tmp_path, capsys):
 @pytest.mark.parametrize(
     "run", ["mnist_mlp_adagrad.jsonl", "mnist_cnn_adagrad.jsonl", "lm_tinyshakespeare_adagrad.jsonl"]
 )
-def test_documented_curves_reproduce(capsys, run):
+def test_documented_curves_reproduce(capsys, run, real_data):
     """The check CI runs: the first steps of a README curve, rerun from its recorded command."""
     dataset = json.loads((REPO / "curves" / run).read_text().splitlines()[0])["config"]["dataset"]
-    if not (SHARED_DATA / dataset).is_dir():
-        pytest.skip(
-            f"real {dataset} not found at {SHARED_DATA / dataset} (set MLX_ADAGRAD_DATA to the shared data folder)"
-        )
-    code, verdict = reproduce(capsys, REPO / "curves" / run, 20, SHARED_DATA)
+    code, verdict = reproduce(capsys, REPO / "curves" / run, 20, real_data(dataset))
     assert code == 0, verdict
 
 

@@ -1,5 +1,5 @@
-"""Sparse embedding updates (adagrad.py: SparseEmbedding, update_rows): equal to the dense update on the
-rows a batch touched, the other rows left exactly as they were; compiled, saved and resumed."""
+"""Sparse embedding updates (adagrad_sparse.py: SparseEmbedding, SparseAdagrad.update_rows): equal to
+the dense update on the rows a batch touched, the other rows left exactly as they were; compiled, saved and resumed."""
 
 import json
 from functools import partial
@@ -11,7 +11,8 @@ import pytest
 from mlx.utils import tree_flatten, tree_unflatten
 
 import train
-from adagrad import Adagrad, SparseEmbedding, sparse_value_and_grad, sum_duplicate_rows
+from adagrad import Adagrad
+from adagrad_sparse import SparseAdagrad, SparseEmbedding, sparse_value_and_grad, sum_duplicate_rows
 from tests.test_lm import TINY_MODEL, losses, make_text
 
 ROWS, DIM = 50, 6
@@ -39,7 +40,8 @@ def run(options, sparse, compiled=False, steps=4, rowwise=False, dim=DIM, cpu_pa
     """The table and its state after `steps` updates, sparse or dense."""
     table = np.random.default_rng(1).standard_normal((ROWS, dim)).astype(np.float32)
     model = Holder(table, sparse)
-    optimizer = Adagrad(optim_schedule(), rowwise=(lambda path, p: True) if rowwise else None, **options)
+    rows = (lambda path, p: True) if rowwise else None
+    optimizer = (SparseAdagrad if sparse else Adagrad)(optim_schedule(), rowwise=rows, **options)
     if sparse:
         optimizer.init(model.trainable_parameters())
         optimizer.init_rows(model, "embedding.weight")
@@ -147,7 +149,7 @@ def loss_fn(model, tokens, targets):
 def train_lm(sparse, steps, compiled=True, model=None, optimizer=None, start=0):
     if model is None:
         mx.random.seed(0)
-        model, optimizer = TinyLM(sparse), Adagrad(0.1)
+        model, optimizer = TinyLM(sparse), (SparseAdagrad if sparse else Adagrad)(0.1)
         optimizer.init(model.trainable_parameters())
         if sparse:
             optimizer.init_rows(model, "embedding.weight")
@@ -194,7 +196,7 @@ def test_save_and_resume_is_bit_exact(tmp_path):
     mx.save_safetensors(str(tmp_path / "model.safetensors"), dict(tree_flatten(model.parameters())))
     mx.save_safetensors(str(tmp_path / "opt.safetensors"), dict(tree_flatten(optimizer.state)))
     mx.random.seed(5)  # other initial weights: the load must replace them all
-    resumed_model, resumed_opt = TinyLM(True), Adagrad(0.1)
+    resumed_model, resumed_opt = TinyLM(True), SparseAdagrad(0.1)
     resumed_model.update(tree_unflatten(list(mx.load(str(tmp_path / "model.safetensors")).items())))
     resumed_opt.state = tree_unflatten(list(mx.load(str(tmp_path / "opt.safetensors")).items()))
     rest, resumed_model, resumed_opt = train_lm(True, 3, model=resumed_model, optimizer=resumed_opt, start=3)
@@ -254,7 +256,7 @@ def test_sparse_embeddings_resume_exactly(tmp_path):
 
 def test_a_low_precision_state_is_continued_in_state_dtype():
     table = np.random.default_rng(1).standard_normal((ROWS, DIM)).astype(np.float32)
-    model, optimizer = Holder(table, sparse=True), Adagrad(0.1)
+    model, optimizer = Holder(table, sparse=True), SparseAdagrad(0.1)
     optimizer.init_rows(model, "embedding.weight")
     saved = mx.full((ROWS, DIM), 0.5, mx.bfloat16)  # as mlx.optimizers.Adagrad saves it for bfloat16
     optimizer.state["embedding"]["weight"]["v"] = saved

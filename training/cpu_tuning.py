@@ -3,11 +3,12 @@
 Importing this module changes nothing. enable() does four things, and only for a step that runs on
 the CPU of a Linux machine (elsewhere, and with on=False, it does nothing and says why):
 
-1. BLAS. MLX's Linux wheel (mlx[cpu]) links the reference BLAS. When OpenBLAS is installed,
-   MLX's matmuls are bound to it instead, on one thread (two threads round sums in a varying
-   order, which breaks bit-exact seeds and resume). A library's symbols are bound when it is
-   loaded, so OpenBLAS must be in the process before mlx.core: if mlx.core is already imported,
-   enable() restarts the program once with OpenBLAS preloaded (os.execv, the same arguments).
+1. BLAS. MLX's Linux wheel (mlx[cpu]) links the reference BLAS. enable() binds MLX's BLAS calls
+   to OpenBLAS instead (training/cpu_blas.py: the pip wheel requirements.txt installs, else a
+   system OpenBLAS), on one thread (two threads round sums in a varying order, which breaks
+   bit-exact seeds and resume). A library's symbols are bound when it is loaded, so OpenBLAS must
+   be in the process before mlx.core: if mlx.core is already imported, enable() restarts the
+   program once with OpenBLAS preloaded (os.execve, the same arguments).
 2. Kernel flags. mx.compile builds its fused CPU kernels with the first `g++` on PATH, for baseline
    x86-64, in $TMPDIR/mlx/<version>/cpu. enable() puts first on PATH a `g++` that adds
 
@@ -29,7 +30,6 @@ the CPU of a Linux machine (elsewhere, and with on=False, it does nothing and sa
 Switch all of it off with enable(on=False) (train.py --cpu-tuning off) or MLX_ADAGRAD_CPU_TUNING=off.
 """
 
-import ctypes
 import hashlib
 import os
 import platform
@@ -39,15 +39,15 @@ import sys
 import tempfile
 from pathlib import Path
 
+from training import cpu_blas
+
 SWITCH = "MLX_ADAGRAD_CPU_TUNING"
-OPENBLAS = ["libopenblas.so.0", "libopenblas.so"]
-INSTALL_HINT = "apt-get install libopenblas0-pthread (Debian/Ubuntu) or dnf install openblas (Fedora)"
 FLAGS = "-march=native -fno-math-errno -fno-trapping-math -ffp-contract=off -finline-limit=10000"
 KERNEL_CACHE = Path.home() / ".cache" / "mlx-adagrad-kernels"
 GRAPH_WIDTH = "1000"
 CACHE_LIMIT = 1 << 30
 _PRELOADED = "_MLX_ADAGRAD_PRELOADED"  # set for the restarted process only; holds the LD_PRELOAD before it
-_openblas = None
+_blas = None
 _report = None
 
 
@@ -72,8 +72,9 @@ def enable(on: bool = True, device: str = "cpu", restart: bool = True) -> dict:
     if platform.system() != "Linux":
         _report = {"blas": _platform_blas(), "kernels": f"MLX's own ({platform.system()})"}
         return _report
-    blas = _load_openblas(restart)
-    kernels = _native_kernels()
+    compiler = _compiler()
+    blas = _load_blas(restart, compiler)
+    kernels = _native_kernels(compiler)
     os.environ.setdefault("MLX_BFS_MAX_WIDTH", GRAPH_WIDTH)
     import mlx.core as mx
 
@@ -86,66 +87,49 @@ def _platform_blas() -> str:
     return "Accelerate (macOS)" if platform.system() == "Darwin" else "MLX's own BLAS"
 
 
-def _load_openblas(restart: bool) -> str:
-    global _openblas
-    if _PRELOADED in os.environ:  # this is the restarted process: OpenBLAS came first
+def _load_blas(restart: bool, compiler) -> str:
+    global _blas
+    restarted = _PRELOADED in os.environ  # this is the restarted process: OpenBLAS came first
+    if restarted:
         previous = os.environ.pop(_PRELOADED)
         os.environ.pop("LD_PRELOAD", None)
         if previous:
             os.environ["LD_PRELOAD"] = previous
-    elif "mlx.core" in sys.modules:
-        name = _find_openblas()
-        if name is None:
-            return f"reference BLAS (slow; for much faster training: {INSTALL_HINT})"
+    blas, why_not = cpu_blas.find(KERNEL_CACHE / "blas", compiler)
+    if blas is None:
+        return f"reference BLAS (slow: {why_not}; for a fast one: {cpu_blas.INSTALL_HINT})"
+    if "mlx.core" in sys.modules and not restarted:
         if not restart:
             return "reference BLAS (mlx.core was imported before OpenBLAS could be loaded)"
         sys.stdout.flush()
         sys.stderr.flush()
         previous = os.environ.get("LD_PRELOAD", "")
-        env = {**os.environ, _PRELOADED: previous, "LD_PRELOAD": f"{previous} {name}".strip()}
+        env = {**os.environ, _PRELOADED: previous, "LD_PRELOAD": f"{previous} {blas.preload}".strip()}
         os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)
-    for name in OPENBLAS:
-        try:
-            _openblas = ctypes.CDLL(name, mode=ctypes.RTLD_GLOBAL)
-            break
-        except OSError:
-            continue
-    else:
-        return f"reference BLAS (slow; for much faster training: {INSTALL_HINT})"
-    _openblas.openblas_get_config.restype = ctypes.c_char_p
-    _openblas.openblas_get_corename.restype = ctypes.c_char_p
+    _blas = blas.load()
     set_blas_threads(1)
-    version = " ".join(_openblas.openblas_get_config().decode().split()[:2])
-    return f"{version} {_openblas.openblas_get_corename().decode()} kernels ({name})"
-
-
-def _find_openblas():
-    """The name of an installed OpenBLAS the dynamic loader finds, or None."""
-    for name in OPENBLAS:
-        try:
-            ctypes.CDLL(name)
-        except OSError:
-            continue
-        return name
-    return None
+    return _blas.describe()
 
 
 def set_blas_threads(threads: int):
     """OpenBLAS's thread count (no-op without OpenBLAS)."""
-    if _openblas is not None:
-        _openblas.openblas_set_num_threads(threads)
+    if _blas is not None:
+        _blas.set_threads(threads)
 
 
 def blas_threads() -> int:
-    return _openblas.openblas_get_num_threads() if _openblas is not None else 1
+    return _blas.threads() if _blas is not None else 1
 
 
-def _native_kernels() -> str:
-    # The real g++, not a wrapper of ours that a parent process (mlx.launch, a test) put on PATH.
+def _compiler():
+    """The real g++ on PATH, not a wrapper of ours that a parent process (mlx.launch, a test) put there."""
     path = os.pathsep.join(
         d for d in os.environ.get("PATH", "").split(os.pathsep) if not d.startswith(str(KERNEL_CACHE))
     )
-    compiler = shutil.which("g++", path=path)
+    return shutil.which("g++", path=path)
+
+
+def _native_kernels(compiler) -> str:
     if compiler is None:
         return "none: g++ not found, so mx.compile cannot build kernels (apt-get install g++)"
     folder = KERNEL_CACHE / _build_id(compiler)

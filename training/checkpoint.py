@@ -9,9 +9,11 @@ Data-parallel processes hold equal weights and optimizer state, so only rank 0 w
 on several machines, --checkpoint-dir must be a folder they all see.
 """
 
+import dataclasses
 import fcntl
 import json
 import os
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import mlx.core as mx
@@ -26,6 +28,32 @@ RUN_STATE = {"step": int, "epoch": int, "batch": int, "config": dict}
 
 class CheckpointError(Exception):
     """A checkpoint that cannot be used or written; the message says why and what to do."""
+
+
+@dataclass
+class RunState:
+    """Where a run stands: all a resumed run needs to log exactly what the uninterrupted one would."""
+
+    step: int = 0  # optimizer steps taken
+    epoch: int = 0  # the epoch of the next batch (0-based)
+    batch: int = 0  # the next batch's index in its epoch
+    window: list = field(default_factory=list)  # training losses since the last logged mean
+    first_loss: float | None = None  # the first step's, which divergence is measured against
+    last_loss: float | None = None  # the last step's, printed with each evaluation
+    pending_eval: int | None = None  # an epoch (1-based) trained but not yet evaluated
+    log_lines: int = 0  # lines of the log written by then
+    elapsed_s: float = 0.0  # training time so far, across resumes
+
+    def to_json(self, batches_per_epoch: int) -> dict:
+        """As saved: an epoch whose last batch is done is saved as the start of the next."""
+        saved = dataclasses.asdict(self)
+        if self.batch == batches_per_epoch:
+            saved.update(epoch=self.epoch + 1, batch=0)
+        return saved
+
+    @classmethod
+    def from_json(cls, saved: dict):
+        return cls(**{f.name: saved[f.name] for f in dataclasses.fields(cls) if f.name in saved})
 
 
 def claim(directory, resume: bool, overwrite: bool):
@@ -104,7 +132,8 @@ def all_finite(arrays) -> bool:
 
 
 def save(directory, model, optimizer, run_state: dict, group=None):
-    """Write the checkpoint of `model`, `optimizer`, the MLX RNG and `run_state` (JSON-able).
+    """Write the checkpoint of `model`, `optimizer`, the MLX RNG and `run_state` (JSON-able: a
+    RunState's to_json() and the run's config).
 
     Under mlx.launch every process of `group` must call it: it gathers their RNG keys. Raises
     CheckpointError, leaving the previous checkpoint as it was, when a parameter is not finite or
@@ -135,8 +164,8 @@ def save(directory, model, optimizer, run_state: dict, group=None):
         ) from None
 
 
-def load(directory, model, optimizer, identity: dict, rank: int = 0) -> dict:
-    """Restore model, optimizer and process `rank`'s RNG from `directory`; return the saved run state.
+def load(directory, model, optimizer, identity: dict, rank: int = 0) -> RunState:
+    """Restore model, optimizer and process `rank`'s RNG from `directory`; return the saved RunState.
 
     `identity` holds the settings that change what the saved arrays mean: a checkpoint whose config
     differs in any of them is refused.
@@ -186,7 +215,7 @@ def load(directory, model, optimizer, identity: dict, rank: int = 0) -> dict:
     optimizer.init(model.trainable_parameters())
     high, low = arrays["rng.keys"][rank].tolist()  # mx.random.key(seed) is [seed >> 32, seed & 0xffffffff]
     mx.random.seed((high << 32) | low)
-    return run_state
+    return RunState.from_json(run_state)
 
 
 def last_good(checkpoint_dir):

@@ -31,6 +31,12 @@ class Interrupts:
     def name(self):
         return signal.Signals(self.signal).name
 
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exception):
+        self.restore()
+
     def restore(self):
         for s, handler in self.previous.items():
             signal.signal(s, handler)

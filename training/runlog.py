@@ -65,6 +65,12 @@ class JsonlLog:
             ) from None
         self.lines += 1
 
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exception):
+        self.close()
+
     def close(self):
         if self.file:
             self.file.close()

@@ -1,5 +1,6 @@
-"""The two tasks train.py trains: each gives a model, training batches, a train-time augmentation,
-its loss per target (token_losses(model, inputs, targets)) and an evaluation."""
+"""The two tasks train.py trains: each gives a model (computing with the Ops it is given, models/ops.py),
+training batches, a train-time augmentation, its loss per target (token_losses(model, inputs,
+targets)) and an evaluation."""
 
 import math
 import os
@@ -18,9 +19,9 @@ from models.mlp import MLP
 from models.transformer import Transformer
 
 
-def setup_mnist(args, cpu_ops):
+def setup_mnist(args, ops):
     data = mnist.load(args.dataset, args.data_dir, args.verify_data == "on")
-    model = MLP(dropout=args.dropout) if args.model == "mlp" else CNN(dropout=args.dropout, cpu_ops=cpu_ops)
+    model = MLP(dropout=args.dropout) if args.model == "mlp" else CNN(dropout=args.dropout, ops=ops)
 
     def evaluate(model, final=False):
         total_loss, correct, n = 0.0, 0, len(data["test_labels"])
@@ -43,7 +44,7 @@ def setup_mnist(args, cpu_ops):
     )
 
 
-def setup_lm(args, cpu_ops):
+def setup_lm(args, ops):
     splits = text.load_splits(args.dataset, args.data_dir, args.verify_data == "on")
     sp = text.tokenizer(splits["train"], args.vocab_size, args.tokenizer, args.cache_dir)
     tokens = {split: text.encode(sp, t) for split, t in splits.items()}
@@ -66,7 +67,7 @@ def setup_lm(args, cpu_ops):
         args.dropout,
         args.positions,
         args.softmax,
-        cpu_ops,
+        ops,
         tied=not args.untied,
         sparse_embedding=args.sparse_embeddings,
         hash_buckets=args.hash_buckets,

@@ -1,0 +1,186 @@
+"""Sparse Adagrad updates of embedding tables for MLX: only the rows a batch looked up.
+
+Copy it beside adagrad.py (it needs only ``mlx`` and that file)::
+
+    from adagrad_sparse import SparseAdagrad, SparseEmbedding, sparse_value_and_grad
+
+MLX differentiates parameters densely: an nn.Embedding's gradient is a (rows, dim) array, mostly
+zeros, and the optimizer reads and writes the whole table and its state every step. Here the table
+is a frozen SparseEmbedding, the step differentiates the rows it looked up instead, and
+``SparseAdagrad.update_rows`` applies them, bit for bit as the dense update would, at a cost set by
+the batch, not the table (see SparseEmbedding for the step). SparseAdagrad is adagrad.Adagrad with
+these two methods; everything else about it is Adagrad's.
+"""
+
+from collections.abc import Callable
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from adagrad import Adagrad, _get
+
+
+class SparseAdagrad(Adagrad):
+    """adagrad.Adagrad that also updates embedding tables row by row (``init_rows``, ``update_rows``)."""
+
+    def init_rows(self, model: nn.Module, path: str):
+        """Create the state of the table at `path` (a frozen SparseEmbedding's weight, which
+        ``init(model.trainable_parameters())`` skips). Call it before compiling, as ``init``."""
+        table = _get(model, path)
+        state = _branch(self.state, path)
+        key = path.rsplit(".", 1)[-1]
+        if key not in state:
+            state[key] = {}
+            if self._is_rowwise(path, table):
+                state[key]["v_row"] = self._row_accumulator(table)
+            else:
+                self.init_single(table, state[key])
+
+    def update_rows(
+        self, model: nn.Module, path: str, ids: mx.array, row_gradients: mx.array, cpu_pairs: bool | None = None
+    ):
+        """Adagrad on the rows of the table at `path` that `ids` name, given the gradient with
+        respect to those looked-up rows (``row_gradients[i]`` for ``ids[i]``, duplicates allowed;
+        ids in [-rows, rows), a negative id counting from the end, as in a lookup).
+
+        Equal to the dense update on the touched rows, bit for bit: duplicates are summed first,
+        in the order they come, as the dense gradient sums them. Untouched rows and their state
+        are left as they are. The plain update of a float32 table adds into the table and its
+        state in place, at a cost set by ``ids.size``, not by the table's size. With
+        weight_decay, l1 or l2 (applied to the touched rows only, where the dense update applies
+        them to every row; PyTorch's sparse Adagrad rejects weight decay), or a float16/bfloat16
+        table, the new rows are computed from the old ones and written back, which rewrites the
+        table: the same result, at a cost that grows with it. Call it after
+        ``update(model, grads)``, which advances the step.
+
+        ``cpu_pairs`` (default: when the step runs on a CPU) scatters float32 values two at a time,
+        as complex64: MLX's CPU scatter costs per element, and a complex addition is two float32
+        additions, so the bits are the same at about half the cost. False: float32 as on a GPU.
+        """
+        self.init_rows(model, path)
+        table, state = _get(model, path), _get(self.state, path)
+        ids = ids.reshape(-1)
+        ids = mx.where(ids < 0, ids + table.shape[0], ids)  # -1 is the last row, as in a lookup
+        row_gradients = row_gradients.reshape(ids.size, *table.shape[1:])
+        if cpu_pairs is None:
+            cpu_pairs = mx.default_device() == mx.cpu
+        slot, slot_ids = _runs(ids)
+        totals = _segment_sum(slot, row_gradients, cpu_pairs)  # one slot per distinct id, in id order
+        lr = self._step_lr()
+        key, v = self._accumulator(state, table)
+        if self.weight_decay or self.l1 or self.l2 or table.dtype != mx.float32:
+            g = totals[slot]  # each entry's id's total: duplicates write the same rows
+            rows, v_rows = self._update[key == "v_row"](table[ids], g, v[ids], lr)
+            table[ids], v[ids] = rows, v_rows
+        else:
+            # Slots past the distinct ids hold zeros and point at row 0: adding zero changes nothing.
+            square = mx.square(totals)
+            if key == "v_row":
+                square = square.mean(axis=tuple(range(1, square.ndim)), keepdims=True)
+            v = _scatter_add(v, slot_ids, square, cpu_pairs)  # reads nothing from v first: MLX adds in place
+            v_rows = v[slot_ids]
+            denominator = mx.sqrt(v_rows + self.eps) if self.eps_inside_sqrt else mx.sqrt(v_rows) + self.eps
+            table = _scatter_add(table, slot_ids, -(lr.astype(mx.float32) * totals / denominator), cpu_pairs)
+        state[key] = v
+        _branch(model, path)[path.rsplit(".", 1)[-1]] = table
+
+
+def _runs(ids: mx.array):
+    """(slot, slot_ids): each entry's slot, one slot per distinct id numbered in id order, and the
+    id of each slot (0 for the slots past the distinct ids). Static shapes, so it compiles."""
+    order = mx.argsort(ids)
+    sorted_ids = ids[order]
+    starts = mx.concatenate([mx.array([True]), sorted_ids[1:] != sorted_ids[:-1]])
+    run = mx.cumsum(starts.astype(mx.int32)) - 1  # the run of equal ids each sorted entry is in
+    slot = mx.put_along_axis(mx.zeros_like(run), order, run, axis=0)  # the same, for each entry in its place
+    slot_ids = mx.zeros(ids.shape, mx.uint32)  # unsigned: MLX's scatter then skips wrapping negative ids
+    slot_ids = mx.put_along_axis(slot_ids, run, sorted_ids.astype(mx.uint32), axis=0)  # a run writes one id
+    return slot, slot_ids
+
+
+def _segment_sum(slot: mx.array, values: mx.array, cpu_pairs: bool) -> mx.array:
+    """``out[s] = sum of values[i] over the i with slot[i] == s``, added in the order of i, as a
+    dense gradient's scatter-add adds them. It is the gradient of ``take_along_axis`` (a scatter-add
+    along an axis, which MLX has no public function for; on a CPU it is faster than ``.at[].add``)."""
+    if cpu_pairs and _pairs_fit(values):
+        return _segment_sum(slot, values.view(mx.complex64), False).view(values.dtype)
+    index = mx.broadcast_to(slot.reshape(-1, *(1,) * (values.ndim - 1)), values.shape)
+    _, (out,) = mx.vjp(lambda x: mx.take_along_axis(x, index, axis=0), [mx.zeros_like(values)], [values])
+    return out
+
+
+def _scatter_add(target: mx.array, rows: mx.array, values: mx.array, cpu_pairs: bool) -> mx.array:
+    """``target.at[rows].add(values)``; with cpu_pairs, on pairs of float32 values viewed as complex64."""
+    if cpu_pairs and _pairs_fit(target):
+        return target.view(mx.complex64).at[rows].add(values.view(mx.complex64)).view(target.dtype)
+    return target.at[rows].add(values)
+
+
+def _pairs_fit(x: mx.array) -> bool:
+    return x.dtype == mx.float32 and x.shape[-1] % 2 == 0
+
+
+def sum_duplicate_rows(ids: mx.array, row_gradients: mx.array) -> mx.array:
+    """For each entry i, the sum of ``row_gradients[j]`` over every j with ``ids[j] == ids[i]``,
+    added in the entries' own order (as a dense gradient's scatter-add adds them)."""
+    slot, _ = _runs(ids)
+    return _segment_sum(slot, row_gradients, mx.default_device() == mx.cpu)[slot]
+
+
+def _branch(tree, path: str):
+    """The dict or list holding the leaf at dotted `path` (modules are dicts)."""
+    for key in path.split(".")[:-1]:
+        if isinstance(tree, list):
+            tree = tree[int(key)]
+        else:
+            tree = tree.setdefault(key, {}) if isinstance(tree, dict) and not isinstance(tree, nn.Module) else tree[key]
+    return tree
+
+
+class SparseEmbedding(nn.Embedding):
+    """nn.Embedding whose table SparseAdagrad updates only where a batch looked it up.
+
+    MLX differentiates parameters densely: nn.Embedding's gradient is a (rows, dim) array, mostly
+    zeros, and the optimizer then reads and writes the whole table and its state every step. This
+    layer's table is frozen (no dense gradient); the step differentiates the looked-up rows
+    instead, and ``SparseAdagrad.update_rows`` applies them. Its call passes rows through, so a model
+    built on it runs from tokens or from rows::
+
+        model.embedding = SparseEmbedding(num_embeddings, dims)      # instead of nn.Embedding
+        optimizer.init(model.trainable_parameters())
+        optimizer.init_rows(model, "embedding.weight")
+
+        def step(tokens, targets):                                   # compile it over the full state
+            rows = model.embedding(tokens)                           # the lookup, not differentiated
+            loss, grads, row_grads = sparse_value_and_grad(model, loss_fn)(rows, targets)
+            optimizer.update(model, grads)                           # every other parameter
+            optimizer.update_rows(model, "embedding.weight", tokens, row_grads)
+            return loss
+
+    A tied output layer (``as_linear``) would get no gradient from a frozen table: give the model
+    an output layer of its own.
+    """
+
+    def __init__(self, num_embeddings: int, dims: int):
+        super().__init__(num_embeddings, dims)
+        self.freeze()
+
+    def __call__(self, x):
+        return x if mx.issubdtype(x.dtype, mx.floating) else self.weight[x]
+
+
+def sparse_value_and_grad(model: nn.Module, fn: Callable):
+    """``nn.value_and_grad`` for ``fn(model, rows, *args)`` whose ``rows`` were looked up by a
+    SparseEmbedding: returns a function of ``(rows, *args)`` giving (value, grads, row_grads)."""
+
+    def inner(parameters, rows, *args):
+        model.update(parameters)
+        return fn(model, rows, *args)
+
+    value_and_grad = mx.value_and_grad(inner, argnums=(0, 1))
+
+    def wrapped(rows, *args):
+        value, (grads, row_grads) = value_and_grad(model.trainable_parameters(), rows, *args)
+        return value, grads, row_grads
+
+    return wrapped

@@ -1,0 +1,307 @@
+"""train.py's options, each in one place: its type and range, its default (a constant, or one per
+recipe), the task or optimizer it applies to, and its help. --help, the checks, the defaults and what
+identifies a run for --resume all derive from OPTIONS. Why the defaults: docs/defaults.md.
+"""
+
+import argparse
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from data import default_data_dir, mnist
+from training import cpu_tuning
+
+OPTIMIZERS = ["adagrad", "mlx-adagrad", "adagrad-da", "sgd", "adam", "adamw"]
+# A run stops when its loss is not finite or exceeds this many times its first step's.
+DIVERGED = 1000
+# Groups of options that say how to run, not what is trained: a checkpoint resumes under other values of these.
+HOW_TO_RUN = ("run", "device")
+
+
+class OptionError(Exception):
+    """Options that cannot work; the message names the option and the fix."""
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but a bad option raises OptionError (one line, from main) instead of printing usage."""
+
+    def error(self, message):
+        # "argument --lr: must be > 0, got 0" -> "--lr must be > 0, got 0"
+        message = re.sub(r"^argument (-[\w-]+)(/[\w-]+)?: (must|expected)", r"\1 \3", message)
+        raise OptionError(re.sub(r"^argument (-[\w-]+)(/[\w-]+)?:", r"\1:", message) + " (see python train.py --help)")
+
+
+# ---------------------------------------------------------------------------------------
+# Types: each parses one value and checks its range, so a bad value is refused by argparse.
+
+
+def number(kind, low=None, high=None, low_open=False, high_open=False):
+    """A parser for `kind` values in [low, high] (an open end with *_open), finite for floats."""
+
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            expected = "an integer" if kind is int else "a number"
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
+        if kind is float and not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
+        too_low = low is not None and (value <= low if low_open else value < low)
+        too_high = high is not None and (value >= high if high_open else value > high)
+        if too_low or too_high:
+            if high is None:
+                bound = f"{'>' if low_open else '>='} {low}"
+            else:
+                bound = f"in {'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
+            raise argparse.ArgumentTypeError(f"must be {bound}, got {text}")
+        return value
+
+    parse.__name__ = kind.__name__  # argparse names the type in its messages
+    return parse
+
+
+POSITIVE_INT = number(int, 0, low_open=True)
+COUNT = number(int, 0)
+POSITIVE = number(float, 0, low_open=True)
+NON_NEGATIVE = number(float, 0)
+FRACTION = number(float, 0, 1, high_open=True)
+SEED = number(int, 0, 2**63 - 1)  # mx.random.seed takes an unsigned 64-bit value
+
+
+@dataclass(frozen=True)
+class PerRecipe:
+    """A default chosen by the values of other options: values[config.by[0]][config.by[1]]... (as
+    deep as the table goes), else `otherwise`. Options are resolved in table order, so `by` names
+    options listed earlier."""
+
+    by: tuple
+    values: dict
+    otherwise: object = None
+
+    def __call__(self, config):
+        value = self.values
+        for name in self.by:
+            if not isinstance(value, dict):
+                break
+            if getattr(config, name) not in value:
+                return self.otherwise
+            value = value[getattr(config, name)]
+        return value
+
+    def __str__(self):
+        def flat(values, prefix=""):
+            for key, value in values.items():
+                yield from flat(value, f"{prefix}{key} ") if isinstance(value, dict) else [f"{prefix}{key}: {value}"]
+
+        shown = ", ".join(flat(self.values))
+        return shown + (f", otherwise {self.otherwise}" if self.otherwise is not None else "")
+
+
+@dataclass(frozen=True)
+class FromEnvironment:
+    """A default read when the options are parsed: `read()`, described as `text`."""
+
+    text: str
+    read: object
+
+    def __call__(self, config):
+        return self.read()
+
+    def __str__(self):
+        return self.text
+
+
+@dataclass(frozen=True)
+class Applies:
+    """Where an option applies: for these values of the option `by`."""
+
+    by: str
+    values: tuple
+
+    def __call__(self, config):
+        return getattr(config, self.by) in self.values
+
+    def refuse(self, flags, config):
+        allowed = ", ".join(self.values[:-1]) + (" or " if len(self.values) > 1 else "") + self.values[-1]
+        return f"{flags} is an option of --{self.by} {allowed}, not {getattr(config, self.by)}"
+
+
+ADAGRAD = Applies("optimizer", ("adagrad",))
+PROXIMAL = Applies("optimizer", ("adagrad", "adagrad-da"))
+EPSILON = Applies("optimizer", ("adagrad", "mlx-adagrad", "adagrad-da", "adam", "adamw"))
+DECAY = Applies("optimizer", ("adagrad", "sgd", "adamw"))
+MNIST = Applies("task", ("mnist",))
+LM = Applies("task", ("lm",))
+
+
+@dataclass(frozen=True)
+class Option:
+    flags: str
+    group: str
+    help: str
+    type: object = None
+    default: object = None  # a value, or PerRecipe; shown in --help
+    choices: tuple = None
+    flag: bool = False  # store_true
+    applies: tuple = ()  # Applies that must all hold for the option to be set
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def dest(self):
+        return self.flags.lstrip("-").replace("-", "_")
+
+
+LEARNING_RATES = {
+    "mlp": {"adagrad": 0.01, "mlx-adagrad": 0.01, "adagrad-da": 0.01, "sgd": 0.05, "adam": 1e-3, "adamw": 1e-3},
+    "cnn": {"adagrad": 0.03, "mlx-adagrad": 0.03, "adagrad-da": 0.01, "sgd": 0.05, "adam": 1e-3, "adamw": 1e-3},
+    "transformer": {"adagrad": 0.02, "mlx-adagrad": 0.02, "adagrad-da": 0.02, "sgd": 0.03, "adam": 5e-4, "adamw": 5e-4},
+}
+WORD_LEVEL = ("word",)
+
+# fmt: off
+OPTIONS = [
+    # What is trained: these identify a run (a checkpoint resumes only under the same values).
+    Option("--task", "recipe", "what to train", str, "mnist", choices=("mnist", "lm")),
+    Option("--dataset", "recipe", "mnist | fashion-mnist; tinyshakespeare | ptb | wikitext-2 | PATH of a .txt file or "
+           "a folder of them", str, PerRecipe(("task",), {"mnist": "mnist", "lm": "tinyshakespeare"})),
+    Option("--model", "recipe", "mlp or cnn for mnist, transformer for lm", str,
+           PerRecipe(("task",), {"mnist": "mlp", "lm": "transformer"}), choices=("mlp", "cnn", "transformer")),
+    Option("--optimizer", "recipe", "adagrad: adagrad.py; mlx-adagrad: mlx.optimizers.Adagrad; adagrad-da: "
+           "adagrad_da.py; sgd: momentum 0.9", str, "adagrad", choices=tuple(OPTIMIZERS)),
+    Option("--lr", "recipe", f"learning rate; a run stops when its loss is not finite or over {DIVERGED}x its "
+           "first step's", POSITIVE, PerRecipe(("model", "optimizer"), LEARNING_RATES)),
+    Option("--eps", "recipe", "epsilon of adagrad, adagrad-da, adam, adamw (default: the optimizer's, 1e-8)",
+           POSITIVE, applies=(EPSILON,)),
+    Option("--initial-accumulator-value", "recipe", "adagrad: v starts here", NON_NEGATIVE, 0.0, applies=(ADAGRAD,)),
+    Option("--lr-decay", "recipe", "adagrad: lr / (1 + (t-1) lr_decay)", NON_NEGATIVE, 0.0, applies=(ADAGRAD,)),
+    Option("--weight-decay", "recipe", "adagrad, sgd: L2 on g; adamw: decoupled", NON_NEGATIVE, 0.0, applies=(DECAY,)),
+    Option("--l1", "recipe", "adagrad: proximal L1; adagrad-da: its L1", NON_NEGATIVE, 0.0, applies=(PROXIMAL,)),
+    Option("--l2", "recipe", "adagrad, adagrad-da: proximal L2", NON_NEGATIVE, 0.0, applies=(PROXIMAL,)),
+    Option("--rowwise-embeddings", "recipe", "adagrad: one accumulator per embedding row", flag=True,
+           applies=(LM, ADAGRAD)),
+    Option("--sparse-embeddings", "recipe", "adagrad, lm: update only the input embedding rows a batch looked up "
+           "(adagrad_sparse.SparseEmbedding); implies --untied", flag=True, applies=(LM, ADAGRAD)),
+    Option("--schedule", "recipe", "learning rate over --epochs", str, "cosine", choices=("constant", "cosine")),
+    Option("--warmup", "recipe", "linear warmup steps", COUNT, 0),
+    Option("--batch-size", "recipe", "samples (mnist) or windows (lm) a step", POSITIVE_INT,
+           PerRecipe(("task",), {"mnist": 128, "lm": 16})),
+    Option("--epochs", "recipe", "passes over the training data (an lm epoch is ~1 pass)", POSITIVE_INT,
+           PerRecipe(("model", "dataset"), {"mlp": 24, "cnn": 20, "transformer": {"tinyshakespeare": 8, "ptb": 8}},
+                     otherwise=1)),
+    Option("--seed", "recipe", "seed of the initial weights, data order and dropout", SEED, 0),
+    Option("--dropout", "recipe", "dropout probability", FRACTION,
+           PerRecipe(("model",), {"mlp": 0.1, "cnn": 0.5, "transformer": 0.0})),
+    Option("--augment-shift", "mnist", "shift training images by up to N pixels", COUNT,
+           PerRecipe(("model",), {"mlp": 1, "cnn": 2}, otherwise=0), applies=(MNIST,)),
+    Option("--layers", "lm", "transformer blocks", POSITIVE_INT,
+           PerRecipe(("dataset",), {"ptb": 2}, otherwise=4), applies=(LM,)),
+    Option("--dim", "lm", "model width", POSITIVE_INT, 128, applies=(LM,)),
+    Option("--heads", "lm", "attention heads", POSITIVE_INT, 4, applies=(LM,)),
+    Option("--context", "lm", "tokens per training window", POSITIVE_INT, 64, applies=(LM,)),
+    Option("--positions", "lm", "rope or learned position embeddings", str, "rope", choices=("rope", "learned"),
+           applies=(LM,)),
+    Option("--untied", "lm", "give the output layer its own word vectors", flag=True, applies=(LM,)),
+    Option("--hash-buckets", "lm", "add a hashed-bigram input table of N rows (0: none)", number(int, 0, 2**31 - 1),
+           0, applies=(LM,)),
+    Option("--tokenizer", "lm", "bpe, unigram or word", str, PerRecipe(("dataset",), {"ptb": "word"}, "bpe"),
+           choices=("bpe", "unigram", "word"), applies=(LM,)),
+    Option("--vocab-size", "lm", "tokens of a bpe or unigram vocabulary (word: every training word)",
+           number(int, 2), PerRecipe(("tokenizer",), {"word": None}, 1024), applies=(LM,)),
+    Option("--softmax", "lm", "class: p(word) = p(class) p(word | class)", str,
+           PerRecipe(("tokenizer",), {"word": "class"}, "full"), choices=("full", "class"), applies=(LM,)),
+    # How to run: a checkpoint resumes under other values of these.
+    Option("--steps", "run", "stop after this many steps in all (the schedule spans --epochs)", POSITIVE_INT),
+    Option("--data-dir", "run", "where the data sets are (default: $MLX_ADAGRAD_DATA, else ~/.cache/mlx-adagrad)",
+           Path),
+    Option("--verify-data", "run", "check local data files against the originals' sha256 (off: train on your own "
+           "files of the same names)", str, "on", choices=("on", "off")),
+    Option("--cache-dir", "run", "where trained tokenizers are kept", Path,
+           Path.home() / ".cache" / "mlx-adagrad-tokenizers"),
+    Option("--log-file", "run", "JSONL: a header line, then step and evaluation lines", Path),
+    Option("--log-every", "run", "log the mean training loss every N steps", POSITIVE_INT, 10),
+    Option("--checkpoint-dir", "run", "save checkpoints here, every --checkpoint-every steps and last", Path),
+    Option("--checkpoint-every", "run", "steps between checkpoints", POSITIVE_INT, 1000),
+    Option("--resume", "run", "continue from the checkpoint in --checkpoint-dir", flag=True),
+    Option("--overwrite", "run", "start over in a --checkpoint-dir that holds a checkpoint, or on an existing "
+           "--log-file (otherwise refused)", flag=True),
+    Option("--reproduce", "run", "rerun the run LOG records for --reproduce-steps steps and compare every logged "
+           "value; exit 1 on a mismatch", Path, extra={"metavar": "LOG"}),
+    Option("--reproduce-steps", "run", "steps --reproduce reruns", POSITIVE_INT, 20),
+    Option("--sample", "run", "print N tokens sampled from the model at the end", COUNT, 0, applies=(LM,)),
+    Option("--temperature", "run", "of --sample", POSITIVE, 0.8, applies=(LM,)),
+    Option("--device", "device", "where the step runs (default: MLX's default device)", str, choices=("cpu", "gpu")),
+    Option("--no-compile", "device", "run the step eagerly (same bits, slower)", flag=True),
+    Option("--stock-ops", "device", "MLX's own attention, cross-entropy, conv and pooling on the CPU too, as on a GPU "
+           "(not the CPU formulations of models/ops.py)", flag=True),
+    Option("--cpu-tuning", "device", "training/cpu_tuning.py on a Linux CPU (off: MLX as it comes)", str,
+           FromEnvironment("on, unless MLX_ADAGRAD_CPU_TUNING=off", lambda: "on" if cpu_tuning.default_on() else "off"),
+           choices=("on", "off")),
+    Option("--blas-threads", "device", "OpenBLAS threads (more vary the last bits from run to run)", POSITIVE_INT, 1),
+    Option("--streams", "device", "CPU only: split each batch over N threads (reproducible, other last bits than 1)",
+           POSITIVE_INT, 1),
+]
+# fmt: on
+BY_NAME = {option.dest: option for option in OPTIONS}
+IDENTITY = [option.dest for option in OPTIONS if option.group not in HOW_TO_RUN]
+
+
+def build_parser(description=None):
+    parser = OneLineParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    groups = {}
+    for option in OPTIONS:
+        group = groups.get(option.group) or groups.setdefault(
+            option.group, parser if option.group == "recipe" else parser.add_argument_group(option.group)
+        )
+        shown = option.default if option.default is not None else "none"
+        help_text = option.help if "default" in option.help else f"{option.help} (default: {shown})"
+        if option.flag:
+            group.add_argument(option.flags, action="store_true", default=None, help=option.help)
+        else:
+            group.add_argument(option.flags, type=option.type, choices=option.choices, help=help_text, **option.extra)
+    return parser
+
+
+def parse(argv=None, description=None):
+    """The options of a command line, each checked, with every default filled in."""
+    return complete(vars(build_parser(description).parse_args(argv)), given=True)
+
+
+def complete(values: dict, given: bool = False):
+    """An argparse.Namespace of every option: `values` (None: not set), the rest their defaults.
+
+    given=True checks that each set option applies to the recipe (a recorded run's config was
+    checked when it ran). Raises OptionError."""
+    config = argparse.Namespace(**{option.dest: values.get(option.dest) for option in OPTIONS})
+    for option in OPTIONS:
+        if getattr(config, option.dest) is None:
+            default = option.default(config) if callable(option.default) else option.default
+            setattr(config, option.dest, False if option.flag else default)
+    config.untied = config.untied or config.sparse_embeddings  # a frozen sparse table cannot be tied to the output
+    config.data_dir = config.data_dir or default_data_dir()
+    if given:
+        for option in OPTIONS:
+            for applies in option.applies if values.get(option.dest) not in (None, False) else ():
+                if not applies(config):
+                    raise OptionError(applies.refuse(option.flags, config))
+
+    check(config)
+    return config
+
+
+def check(config):
+    """OptionError for values that cannot work together."""
+    if config.task == "mnist" and config.dataset not in mnist.SHA256:
+        raise OptionError(
+            f"--dataset {config.dataset} is not an image dataset: choose {', '.join(mnist.SHA256)} (or --task lm)"
+        )
+    if (config.task == "lm") != (config.model == "transformer"):
+        raise OptionError(
+            f"--model {config.model} does not fit --task {config.task}: mnist takes mlp or cnn, lm takes transformer"
+        )
+    if config.dim % config.heads:
+        raise OptionError(f"--dim {config.dim} must be a multiple of --heads {config.heads}")
+    if config.resume and not config.checkpoint_dir:
+        raise OptionError("--resume needs --checkpoint-dir, the folder of the run to continue")
+    if config.resume and config.overwrite:
+        raise OptionError("--resume continues a run and --overwrite starts it over: choose one")

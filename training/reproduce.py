@@ -1,0 +1,125 @@
+"""Check a rerun against a recorded run (train.py --reproduce LOG): read the log, compare the values.
+
+Bit for bit on the same device, platform, BLAS and MLX. Elsewhere within CROSS_PLATFORM_RTOL over
+the first --reproduce-steps steps (20): another BLAS rounds the matmuls differently, and Adagrad magnifies
+it, since its first updates move each weight by about lr * sign(g), so a gradient near zero that
+rounds to the other sign moves its weight by 2 lr. curves/README.md has the measurements.
+"""
+
+import json
+import math
+import tempfile
+from pathlib import Path
+
+import mlx.core as mx
+
+from training import options
+
+CROSS_PLATFORM_RTOL = 3e-3
+COMPARED = ("loss", "lr")
+SAME_MACHINE = ("device", "platform", "mlx", "blas", "cpu_ops")
+
+
+class RecordError(Exception):
+    """A recorded log (--reproduce LOG) that cannot be reproduced; the message says why."""
+
+
+def read_log(path: Path, steps: int, known_options) -> tuple:
+    """(header, {step: record}) of a train.py --log-file, its training records up to `steps`."""
+    try:
+        lines = [json.loads(line) for line in Path(path).read_text().splitlines()]
+        header = lines[0]
+        config = header["config"]
+        header["command"]
+    except (OSError, ValueError, KeyError, IndexError, TypeError) as e:
+        raise RecordError(f"{path} is not a log written by train.py --log-file ({type(e).__name__}: {e})") from None
+    unknown = sorted(set(config) - set(known_options) - {"world_size"})
+    if unknown:
+        raise RecordError(
+            f"{path} records options this train.py does not have ({', '.join(unknown)}): "
+            "reproduce it with the version that wrote it"
+        )
+    recorded = {r["step"]: r for r in lines[1:] if "loss" in r and r["step"] <= steps}
+    if not recorded:
+        raise RecordError(f"{path} logs no training loss within the first {steps} steps: raise --reproduce-steps")
+    return header, recorded
+
+
+def same_machine(header: dict, rerun_header: dict) -> bool:
+    """Whether the two runs ran on the same device, platform, BLAS, MLX and formulations (logs from
+    before the device was recorded ran on the CPU with the CPU formulations)."""
+    defaults = {"device": "cpu", "cpu_ops": True}
+    return all(header.get(k, defaults.get(k)) == rerun_header.get(k) for k in SAME_MACHINE)
+
+
+def compare(recorded: dict, rerun: dict, exact: bool) -> list:
+    """Each differing value as a line, in step order."""
+    mismatches = []
+    for step, want in sorted(recorded.items()):
+        got = rerun.get(step, {})
+        for key in COMPARED:
+            if key not in got:
+                mismatches.append(f"step {step}: no {key} logged")
+            elif (
+                (got[key] != want[key]) if exact else not math.isclose(got[key], want[key], rel_tol=CROSS_PLATFORM_RTOL)
+            ):
+                mismatches.append(f"step {step} {key}: {got[key]!r} != recorded {want[key]!r}")
+    return mismatches
+
+
+def verdict(mismatches: list, recorded: dict, steps: int, exact: bool) -> str:
+    how = (
+        "bit-exact (same device, platform, BLAS and MLX)"
+        if exact
+        else f"within rtol {CROSS_PLATFORM_RTOL} (other device, platform, BLAS or MLX)"
+    )
+    values = len(COMPARED) * len(recorded)
+    if mismatches:
+        return f"MISMATCH: {len(mismatches)} of {values} values differ {how}; first: {mismatches[0]}"
+    return f"REPRODUCED: {values} logged values over {steps} steps match, {how}"
+
+
+def rerun(config, train) -> int:
+    """Rerun the first --reproduce-steps steps of the run config.reproduce records, with `train`
+    (train.py's), and compare its logged losses and learning rates: 0 if they match, else 1."""
+    log, steps = config.reproduce, config.reproduce_steps
+    header, recorded = read_log(log, steps, options.BY_NAME)
+    group = mx.distributed.init()
+    recorded_world = header["config"].get("world_size", 1)
+    if recorded_world != group.size():
+        raise RecordError(
+            f"{log} was recorded on {recorded_world} process(es), this is {group.size()}: "
+            f"run mlx.launch -n {recorded_world} -- python train.py --reproduce {log}"
+        )
+    recorded_config = {k: v for k, v in header["config"].items() if k != "world_size"}
+    for option in options.OPTIONS:  # a hand-edited log could name a model or dataset this program lacks
+        value = recorded_config.get(option.dest)
+        if option.choices and value is not None and value not in option.choices:
+            raise RecordError(
+                f"{log} records {option.flags} {value!r}, not one of {', '.join(option.choices)}: "
+                "it is not a log of this program"
+            )
+    cache_dir = Path(recorded_config["cache_dir"]) if recorded_config.get("cache_dir") else None
+    with tempfile.TemporaryDirectory() as tmp:
+        rerun_log = Path(tmp) / "rerun.jsonl"
+        here = {name: getattr(config, name) for name in ("data_dir", "device", "stock_ops", "cpu_tuning")}
+        rerun_config = options.complete(
+            {
+                **recorded_config,
+                **here,
+                "cache_dir": cache_dir if cache_dir and cache_dir.parent.exists() else None,
+                "steps": steps,
+                "log_file": rerun_log,
+                **dict.fromkeys(["checkpoint_dir", "resume", "overwrite", "sample", "reproduce"]),
+            }
+        )  # what an older log left to the defaults of its time is filled with today's
+        print(f"reproducing {log}: {header['command']} (first {steps} steps)")
+        train(rerun_config, f"python train.py --reproduce {log}")
+        if group.rank() > 0:  # rank 0 wrote the log and compares
+            return 0
+        lines = [json.loads(line) for line in rerun_log.read_text().splitlines()]
+    rerun_header, rerun_records = lines[0], {r["step"]: r for r in lines[1:] if "loss" in r}
+    exact = same_machine(header, rerun_header)
+    mismatches = compare(recorded, rerun_records, exact)
+    print(verdict(mismatches, recorded, steps, exact))
+    return 1 if mismatches else 0
