@@ -143,10 +143,11 @@ def run(config, command, tuning, group, log):
     say = print if rank == 0 else (lambda *_: None)
     cpu_tuning.set_blas_threads(config.blas_threads)
     ops = model_ops.for_device(config.device, config.stock_ops)
-    say(
-        f"device: {config.device} ({ops.name}); BLAS: {tuning['blas']}, {threads(cpu_tuning.blas_threads())}; "
-        f"compiled kernels: {tuning['kernels']}" + (f"; data-parallel on {world} processes" if world > 1 else "")
-    )
+    blas_threads = f", {threads(cpu_tuning.blas_threads())} of BLAS" if cpu_tuning.blas_threads() > 1 else ""
+    processes = f", data-parallel on {world} processes" if world > 1 else ""
+    say(f"device: {config.device} ({ops.name}), {tuning['short']}{blas_threads}{processes}")
+    if tuning["hint"] and rank == 0:
+        print(f"train.py: {tuning['hint']}", file=sys.stderr)
     mx.random.seed(config.seed)
     task = (tasks.setup_mnist if config.task == "mnist" else tasks.setup_lm)(config, ops)
     tasks.check_memory(config, task.model)
@@ -223,14 +224,17 @@ def train_loop(run, state):
 
 
 def progress_bar(run, state):
+    """The epoch's batches behind a progress bar, on rank 0 and only on a terminal (a log file gets the
+    epoch lines alone); its total is where this epoch ends, --steps included."""
+    per_epoch = run.task.batches.per_epoch
     return tqdm(
         run.task.batches.epoch(state.epoch, state.batch),
-        total=run.task.batches.per_epoch,
+        total=min(per_epoch, state.batch + run.total_steps - state.step),
         initial=state.batch,
         desc=f"epoch {state.epoch + 1}/{run.config.epochs}",
         leave=False,
         mininterval=0.5,
-        disable=run.group.rank() > 0,
+        disable=run.group.rank() > 0 or not sys.stderr.isatty(),
     )
 
 

@@ -19,8 +19,8 @@ All compiled or as the framework runs them, on one thread. Each round runs every
 finding the caches as another variant left them. A cell is the median ms per step; a ratio is the
 median and the quartiles of the per-round ratios. "grad MB" is the size of the gradient each one
 builds. Each variant holds its own table and state; mlx.optimizers dense, which allocates both anew
-every step, runs up to --stock-rows rows (at 10^7 x 64 four copies of a 2.4 GiB table and its state
-do not fit in 24 GiB).
+every step, runs up to --stock-rows rows. A variant whose tables would not fit in the memory
+available (an estimate, COPIES) is skipped at that size, with a line saying so.
 """
 
 import argparse
@@ -40,6 +40,7 @@ import numpy as np  # noqa: E402
 from adagrad import Adagrad  # noqa: E402
 from adagrad_sparse import SparseAdagrad, SparseEmbedding  # noqa: E402
 from training import cpu_tuning  # noqa: E402
+from training.tasks import available_memory  # noqa: E402
 
 
 class Table(nn.Module):
@@ -92,6 +93,30 @@ def torch_stepper(table, ids, row_grads):
     return step
 
 
+# Tables of rows x dim float32 each variant holds at its peak: table and state, gradient, new copies.
+COPIES = {"sparse": 2, "dense": 4, "torch sparse": 3, "mlx.optimizers dense": 6}
+
+
+def fitting(names, rows, dim, available):
+    """The variants whose tables fit in `available` bytes together, cheapest first, and a line naming
+    the others (or "")."""
+    table = rows * dim * 4
+    need, kept = table, []  # the shared input table
+    for name in sorted(names, key=COPIES.get):
+        if available is None or need + COPIES[name] * table <= available:
+            need += COPIES[name] * table
+            kept.append(name)
+    skipped = [n for n in names if n not in kept]
+    if not skipped:
+        return kept, ""
+    gib = (table * (1 + sum(COPIES[n] for n in names))) / 2**30
+    return (
+        kept,
+        f"{rows:.0e} rows: skipped {', '.join(skipped)} (all variants need ~{gib:.0f} GiB, "
+        f"{available / 2**30:.0f} available)",
+    )
+
+
 def time_rounds(runs, rounds, steps):
     """{name: seconds per step, one median per round}. A round runs every variant for `steps`
     consecutive steps, as a training loop does, and times all but the first, which finds the caches
@@ -135,14 +160,18 @@ def main():
     print(f"| rows | distinct ids | {' | '.join(f'{n} ms' for n in names)} | {' | '.join(against)} | grad MB |")
     print("|---|---|" + "---|" * (len(names) + len(against)) + "---|")
     rng = np.random.default_rng(0)
+    notes = []
     for size in args.rows:
         rows = int(size)
         ids = mx.array((rng.zipf(1.2, args.batch) - 1) % rows, mx.int32)
         row_grads = mx.array(rng.standard_normal((args.batch, args.dim)), mx.float32)
         table = mx.random.normal((rows, args.dim))
-        skip = {"torch sparse"} | ({"mlx.optimizers dense"} if rows > args.stock_rows else set())
-        runs = {name: mlx_stepper(table, ids, row_grads, name) for name in names if name not in skip}
-        if has_torch:
+        candidates = [n for n in names if n != "mlx.optimizers dense" or rows <= args.stock_rows]
+        kept, skipped = fitting(candidates, rows, args.dim, available_memory())
+        if skipped:
+            notes.append(skipped)
+        runs = {name: mlx_stepper(table, ids, row_grads, name) for name in kept if name != "torch sparse"}
+        if "torch sparse" in kept:
             runs["torch sparse"] = torch_stepper(table, ids, row_grads)
         seconds = time_rounds(runs, args.rounds, args.steps)
         cells = " | ".join(f"{1e3 * np.median(seconds[n]):.2f}" if n in seconds else "-" for n in names)
@@ -152,6 +181,8 @@ def main():
         distinct = len(np.unique(np.array(ids)))
         print(f"| {rows:.0e} | {distinct:,} | {cells} | {ratios} | {grad_mb} |", flush=True)
         del runs, table
+    for note in notes:
+        print(note)
 
 
 if __name__ == "__main__":

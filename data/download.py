@@ -1,4 +1,4 @@
-"""Fetch a file once, verified by sha256, written atomically."""
+"""Fetch a data set's files once, verified by sha256, written atomically."""
 
 import hashlib
 import os
@@ -12,6 +12,10 @@ from tqdm import tqdm
 from data import DataError
 
 TIMEOUT_S = 5
+
+
+class MissingFile(DataError):
+    """A file that is not there and could not be downloaded."""
 
 
 def sha256(path: Path) -> str:
@@ -31,6 +35,8 @@ def ensure_file(path: Path, urls: list, expected_sha256: str, verify: bool = Tru
     trusted, for files of your own under the same names).
     """
     path = Path(path)
+    if path.is_dir():
+        raise DataError(f"{path} is a folder, expected the file {path.name}: remove or rename the folder")
     if path.exists():
         got = sha256(path) if verify else expected_sha256
         if got != expected_sha256:
@@ -44,7 +50,7 @@ def ensure_file(path: Path, urls: list, expected_sha256: str, verify: bool = Tru
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
     except OSError as e:
-        raise DataError(f"{path} is missing and {path.parent} is not writable ({e.strerror}): {hint}") from None
+        raise MissingFile(f"{path} is missing and {path.parent} is not writable ({e.strerror}): {hint}") from None
     errors = []
     try:
         with os.fdopen(fd, "wb") as out:
@@ -62,7 +68,7 @@ def ensure_file(path: Path, urls: list, expected_sha256: str, verify: bool = Tru
                     out.seek(0)
                     out.truncate()
             else:
-                raise DataError(f"{path} is missing and could not be downloaded (no network?): {hint}")
+                raise MissingFile(f"{path} is missing and could not be downloaded (no network?): {hint}")
         got = sha256(Path(tmp))
         if got != expected_sha256:
             raise DataError(
@@ -74,3 +80,22 @@ def ensure_file(path: Path, urls: list, expected_sha256: str, verify: bool = Tru
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def ensure_files(folder: Path, files: dict, mirrors: list, verify: bool = True) -> dict:
+    """{name: path} for `files` ({name: sha256}) in `folder`, each as ensure_file gives it from
+    `mirrors` (url prefixes); the files that are neither there nor downloadable are named in one
+    DataError, each with its sha256."""
+    folder, paths, missing = Path(folder), {}, {}
+    for name, digest in files.items():
+        try:
+            paths[name] = ensure_file(folder / name, [mirror + name for mirror in mirrors], digest, verify)
+        except MissingFile:
+            missing[name] = digest
+    if missing:
+        names = ", ".join(f"{name} (sha256 {digest})" for name, digest in missing.items())
+        raise DataError(
+            f"{folder} lacks {len(missing)} file(s) that could not be downloaded (no network?): put {names} "
+            f"in {folder}, or pass --data-dir"
+        )
+    return paths

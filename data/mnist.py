@@ -13,7 +13,7 @@ import mlx.data as dx
 import numpy as np
 
 from data import DataError
-from data.download import ensure_file
+from data.download import ensure_files
 
 FILES = {
     "train_images": "train-images-idx3-ubyte.gz",
@@ -67,18 +67,12 @@ def load(dataset: str, data_dir: Path, verify: bool = True) -> dict:
     """Return {"train_images": (60000, 28, 28, 1) uint8, "train_labels": (60000,) int32, "test_...": ...}."""
     if dataset not in SHA256:
         raise DataError(f"unknown image dataset {dataset!r}: choose one of {', '.join(SHA256)}")
-    folder = Path(data_dir) / dataset
+    files = ensure_files(
+        Path(data_dir) / dataset, {FILES[k]: SHA256[dataset][k] for k in FILES}, MIRRORS[dataset], verify
+    )
     arrays = {}
     for split in ("train", "test"):
-        paths = {
-            kind: ensure_file(
-                folder / FILES[f"{split}_{kind}"],
-                [m + FILES[f"{split}_{kind}"] for m in MIRRORS[dataset]],
-                SHA256[dataset][f"{split}_{kind}"],
-                verify,
-            )
-            for kind in ("images", "labels")
-        }
+        paths = {kind: files[FILES[f"{split}_{kind}"]] for kind in ("images", "labels")}
         images = read_idx(paths["images"], IMAGE_MAGIC, 3)
         labels = read_idx(paths["labels"], LABEL_MAGIC, 1)
         if images.shape[1:] != (28, 28):

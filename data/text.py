@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from data import DataError
-from data.download import ensure_file
+from data.download import ensure_files
 
 LOCAL = {
     "ptb": {
@@ -107,11 +107,9 @@ def load_wikitext2() -> dict:
 def load_splits(dataset: str, data_dir: Path, verify: bool = True) -> dict:
     """Return {"train": str, "valid": str, "test": str (PTB, WikiText-2 only)}."""
     if dataset in LOCAL:
-        texts = {}
-        for split, (relative, digest) in LOCAL[dataset].items():
-            path = Path(data_dir) / relative
-            ensure_file(path, [m + path.name for m in MIRRORS[dataset]], digest, verify)
-            texts[split] = read_text([path])
+        files = {Path(relative).name: digest for relative, digest in LOCAL[dataset].values()}
+        paths = ensure_files(Path(data_dir) / dataset, files, MIRRORS[dataset], verify)
+        texts = {split: read_text([paths[Path(relative).name]]) for split, (relative, _) in LOCAL[dataset].items()}
         return split_90_10(texts["all"]) if "all" in texts else texts
     if dataset == "wikitext-2":
         return load_wikitext2()

@@ -62,6 +62,10 @@ class Blas:
     def threads(self) -> int:
         return self._function("openblas_get_num_threads")()
 
+    def short(self) -> str:
+        """'OpenBLAS 0.3.30 (scipy-openblas32)'."""
+        return f"OpenBLAS {self._function('openblas_get_config')().decode().split()[1]} ({self.origin.split(',')[0]})"
+
     def describe(self) -> str:
         """'OpenBLAS 0.3.30 Haswell kernels (scipy-openblas32)'."""
         version = " ".join(self._function("openblas_get_config")().decode().split()[:2])

@@ -56,7 +56,9 @@ def default_on() -> bool:
 
 
 def enable(on: bool = True, device: str = "cpu", restart: bool = True) -> dict:
-    """Apply the CPU speed-ups for a step on `device` ("cpu" or "gpu"); return {what: how it is done}.
+    """Apply the CPU speed-ups for a step on `device` ("cpu" or "gpu"); return {what: how it is done}:
+    "blas" and "kernels" in full (for a run's log), "short" in a few words, "hint" (how to get a fast
+    BLAS where none is used, else "").
 
     With restart=False a process that imported mlx.core first keeps MLX's BLAS (and says so).
     """
@@ -65,12 +67,14 @@ def enable(on: bool = True, device: str = "cpu", restart: bool = True) -> dict:
         return _report
     if not on:
         reason = f"off ({SWITCH}=off or --cpu-tuning off)"
-        return {"blas": reason if platform.system() == "Linux" else _platform_blas(), "kernels": reason}
+        blas = reason if platform.system() == "Linux" else _platform_blas()
+        return {"blas": blas, "kernels": reason, "short": "MLX as it comes (--cpu-tuning off)", "hint": ""}
     if device != "cpu":
         reason = f"off: the step runs on the {device}"
-        return {"blas": reason, "kernels": reason}
+        return {"blas": reason, "kernels": reason, "short": "MLX's own kernels", "hint": ""}
     if platform.system() != "Linux":
-        _report = {"blas": _platform_blas(), "kernels": f"MLX's own ({platform.system()})"}
+        blas = _platform_blas()
+        _report = {"blas": blas, "kernels": f"MLX's own ({platform.system()})", "short": blas, "hint": ""}
         return _report
     compiler = _compiler()
     blas = _load_blas(restart, compiler)
@@ -79,7 +83,10 @@ def enable(on: bool = True, device: str = "cpu", restart: bool = True) -> dict:
     import mlx.core as mx
 
     mx.set_cache_limit(CACHE_LIMIT)
-    _report = {"blas": blas, "kernels": kernels}
+    short = [_blas.short() if _blas else "reference BLAS (slow)"]
+    short.append("kernels built for this CPU" if kernels.startswith("g++") else "MLX's kernels")
+    hint = "" if _blas else f"MLX runs on its reference BLAS, 10-20x slower: {cpu_blas.INSTALL_HINT}"
+    _report = {"blas": blas, "kernels": kernels, "short": ", ".join(short), "hint": hint}
     return _report
 
 
