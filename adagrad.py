@@ -31,6 +31,7 @@ embedding tables: adagrad_sparse.py. Equivalences, low precision, variants: docs
 
 import math
 from collections.abc import Callable
+from numbers import Real
 
 import mlx.core as mx
 from mlx.optimizers import Optimizer
@@ -116,21 +117,22 @@ class Adagrad(Optimizer):
         rowwise: Callable[[str, mx.array], bool] | None = None,
     ):
         super().__init__()
-        if not callable(learning_rate) and not 0 <= learning_rate < math.inf:
-            raise ValueError(f"Adagrad learning_rate must be finite and >= 0, got {learning_rate}")
+        hyper = dict(initial_accumulator_value=initial_accumulator_value, lr_decay=lr_decay)
+        hyper.update(weight_decay=weight_decay, l1=l1, l2=l2, eps=eps)
+        if not callable(learning_rate):
+            hyper["learning_rate"] = learning_rate
+        for name, value in hyper.items():
+            if isinstance(value, bool) or not isinstance(value, Real):
+                raise TypeError(f"Adagrad {name} must be a number, got {type(value).__name__} {value!r}")
         if not eps > 0:  # MLX's wording first, so that tests written against mlx.optimizers.Adagrad pass
             raise ValueError(f"Adagrad epsilon should be >0, {eps} was provided instead (try 1e-8)")
-        for name, value in [
-            ("initial_accumulator_value", initial_accumulator_value),
-            ("lr_decay", lr_decay),
-            ("weight_decay", weight_decay),
-            ("l1", l1),
-            ("l2", l2),
-        ]:
-            if not value >= 0:
-                raise ValueError(f"Adagrad {name} must be >= 0, got {value}")
         if not mx.issubdtype(state_dtype, mx.floating):
             raise ValueError(f"Adagrad state_dtype must be a floating dtype, got {state_dtype}")
+        if not mx.array(eps, state_dtype).item() > 0:
+            raise ValueError(f"Adagrad eps {eps} is 0 in the state's dtype {state_dtype}: use a larger eps")
+        for name, value in hyper.items():
+            if name != "eps" and not 0 <= value < math.inf:
+                raise ValueError(f"Adagrad {name} must be finite and >= 0, got {value}")
 
         self._maybe_schedule("learning_rate", learning_rate)
         self.eps = eps
@@ -179,6 +181,9 @@ class Adagrad(Optimizer):
 
     def apply_single(self, gradient: mx.array, parameter: mx.array, state: dict):
         key, v = self._accumulator(state, parameter)
+        expected = parameter.shape if key == "v" else (parameter.shape[0],) + (1,) * (parameter.ndim - 1)
+        if v.shape != expected:  # a loaded state of another model: never broadcast it silently
+            raise ValueError(f"Adagrad state {key} has shape {v.shape}, its parameter needs {expected}")
         parameter, state[key] = self._update[key == "v_row"](parameter, gradient, v, self._step_lr())
         return parameter
 

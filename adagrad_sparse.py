@@ -41,7 +41,10 @@ class SparseAdagrad(Adagrad):
     ):
         """Adagrad on the rows of the table at `path` that `ids` name, given the gradient with
         respect to those looked-up rows (``row_gradients[i]`` for ``ids[i]``, duplicates allowed;
-        ids in [-rows, rows), a negative id counting from the end, as in a lookup).
+        ids in [-rows, rows), a negative id counting from the end, as in a lookup). An id outside
+        the table raises IndexError when called eagerly; under ``mx.compile``, where ids cannot be
+        read, it is ignored (its gradient masked to zero), so nothing outside the table is ever
+        read or written.
 
         Equal to the dense update on the touched rows, bit for bit: duplicates are summed first,
         in the order they come, as the dense gradient sums them. Untouched rows and their state
@@ -59,9 +62,9 @@ class SparseAdagrad(Adagrad):
         """
         self.init_rows(model, path)
         table, state = _get(model, path), _get(self.state, path)
-        ids = ids.reshape(-1)
-        ids = mx.where(ids < 0, ids + table.shape[0], ids)  # -1 is the last row, as in a lookup
+        ids, inside = _checked(ids.reshape(-1), table.shape[0])
         row_gradients = row_gradients.reshape(ids.size, *table.shape[1:])
+        row_gradients = mx.where(inside.reshape(-1, *(1,) * (table.ndim - 1)), row_gradients, 0)
         if cpu_pairs is None:
             cpu_pairs = mx.default_device() == mx.cpu
         slot, slot_ids = _runs(ids)
@@ -71,7 +74,8 @@ class SparseAdagrad(Adagrad):
         if self.weight_decay or self.l1 or self.l2 or table.dtype != mx.float32:
             g = totals[slot]  # each entry's id's total: duplicates write the same rows
             rows, v_rows = self._update[key == "v_row"](table[ids], g, v[ids], lr)
-            table[ids], v[ids] = rows, v_rows
+            touched = inside.any()  # else every entry points at row 0, which must stay as it is
+            table[ids], v[ids] = mx.where(touched, rows, table[ids]), mx.where(touched, v_rows, v[ids])
         else:
             # Slots past the distinct ids hold zeros and point at row 0: adding zero changes nothing.
             square = mx.square(totals)
@@ -83,6 +87,22 @@ class SparseAdagrad(Adagrad):
             table = _scatter_add(table, slot_ids, -(lr.astype(mx.float32) * totals / denominator), cpu_pairs)
         state[key] = v
         _branch(model, path)[path.rsplit(".", 1)[-1]] = table
+
+
+def _checked(ids: mx.array, rows: int):
+    """(ids, inside): ids in [0, rows), a negative id counted from the end, and which were in the
+    table. IndexError for an id outside it where ids can be read (eagerly); under mx.compile the
+    ids outside are replaced by the batch's first valid id (0 if none), their gradients masked."""
+    inside = (ids >= -rows) & (ids < rows)
+    try:
+        all_inside = inside.all().item()
+    except (ValueError, RuntimeError):  # traced by mx.compile: values cannot be read, so mask
+        all_inside = None
+    if all_inside is False:
+        bad = ids[mx.argmin(inside)].item()  # the first id outside
+        raise IndexError(f"update_rows: id {bad} is outside the table's {rows} rows (ids must be in [-{rows}, {rows}))")
+    ids = mx.where(ids < 0, ids + rows, ids)  # -1 is the last row, as in a lookup
+    return mx.where(inside, ids, ids[mx.argmax(inside)] * inside.any()), inside
 
 
 def _runs(ids: mx.array):

@@ -397,3 +397,35 @@ def test_capturing_only_model_state_is_the_documented_trap():
     # behind: a crash, as at the short last batch of an epoch.
     with pytest.raises(RuntimeError, match="Attempting to eval an array without a primitive"):
         mx.eval(step(x[:3], y[:3]), model.state)
+
+
+# ---------------------------------------------------------------------------------------
+# As a library: bad arguments are refused where they are given, naming them
+
+
+@pytest.mark.parametrize("name", ["initial_accumulator_value", "lr_decay", "weight_decay", "l1", "l2"])
+def test_an_infinite_hyperparameter_is_refused(name):
+    with pytest.raises(ValueError, match=f"Adagrad {name} must be finite and >= 0, got inf"):
+        Adagrad(0.1, **{name: float("inf")})
+
+
+def test_an_eps_that_is_zero_in_the_state_dtype_is_refused():
+    with pytest.raises(ValueError, match="eps 1e-50 is 0 in the state's dtype"):
+        Adagrad(0.1, eps=1e-50)  # a positive float64, 0 in float32
+    with pytest.raises(ValueError, match="eps 1e-08 is 0 in the state's dtype"):
+        Adagrad(0.1, state_dtype=mx.float16)  # 1e-8 underflows float16
+
+
+@pytest.mark.parametrize("kwargs, name", [({"learning_rate": "0.1"}, "learning_rate"), ({"eps": None}, "eps")])
+def test_a_value_of_the_wrong_type_names_its_argument(kwargs, name):
+    with pytest.raises(TypeError, match=f"Adagrad {name} must be a number"):
+        Adagrad(**{"learning_rate": 0.1, **kwargs})
+
+
+def test_a_loaded_state_of_another_shape_raises_instead_of_broadcasting():
+    params = {"w": mx.ones((3, 4))}
+    optimizer = Adagrad(0.1)
+    optimizer.init(params)
+    optimizer.state["w"]["v"] = mx.zeros((4,))  # would broadcast against (3, 4)
+    with pytest.raises(ValueError, match=r"state v has shape \(4,\), its parameter needs \(3, 4\)"):
+        optimizer.apply_gradients({"w": mx.ones((3, 4))}, params)

@@ -268,3 +268,46 @@ def test_a_low_precision_state_is_continued_in_state_dtype():
     untouched = sorted(set(range(ROWS)) - set(touched))
     assert v.dtype == mx.float32
     assert (np.array(v)[untouched] == 0.5).all() and (np.array(v)[touched] > 0.5).all()
+
+
+# ---------------------------------------------------------------------------------------
+# Ids outside the table: MLX does not check indices, so update_rows does
+
+
+@pytest.mark.parametrize("bad", [ROWS, ROWS + 7, -ROWS - 1])
+def test_an_id_outside_the_table_raises_when_called_eagerly(bad):
+    model, optimizer = Holder(np.zeros((ROWS, DIM), np.float32), sparse=True), SparseAdagrad(0.1)
+    optimizer.init(model.trainable_parameters())
+    with pytest.raises(IndexError, match=f"id {bad} is outside the table's {ROWS} rows"):
+        optimizer.update_rows(model, "embedding.weight", mx.array([1, bad, 2]), mx.ones((3, DIM)))
+
+
+@pytest.mark.parametrize("options", [{}, {"weight_decay": 0.1}], ids=["plain", "rewrite"])
+def test_compiled_ids_outside_the_table_are_ignored_and_nothing_else_changes(options):
+    """Under mx.compile the ids cannot be read: entries outside the table are dropped, so the result
+    is the update of the entries inside it, bit for bit, whatever the ids outside are."""
+    table = np.random.default_rng(1).standard_normal((ROWS, DIM)).astype(np.float32)
+    rng = np.random.default_rng(2)
+    ids = rng.integers(0, ROWS, 16).astype(np.int32)
+    grads = rng.standard_normal((16, DIM)).astype(np.float32)
+    outside = np.array([ROWS, 10**6, -ROWS - 1, 2**31 - 1], np.int32)
+
+    def after(ids, grads):
+        model, optimizer = Holder(table, sparse=True), SparseAdagrad(0.1, **options)
+        optimizer.init(model.trainable_parameters())
+        optimizer.init_rows(model, "embedding.weight")
+        state = [model.state, optimizer.state]
+        step = mx.compile(
+            lambda i, g: optimizer.update_rows(model, "embedding.weight", i, g), inputs=state, outputs=state
+        )
+        step(mx.array(ids), mx.array(grads))
+        mx.eval(state)
+        return np.array(model.embedding.weight), np.array(optimizer.state["embedding"]["weight"]["v"])
+
+    mixed_ids = np.concatenate([outside[:2], ids, outside[2:]])
+    mixed_grads = np.concatenate([np.full((2, DIM), 1e3, np.float32), grads, np.full((2, DIM), -1e3, np.float32)])
+    for got, want in zip(after(mixed_ids, mixed_grads), after(ids, grads)):
+        np.testing.assert_array_equal(got, want)
+    all_outside_table, all_outside_v = after(outside, np.ones((4, DIM), np.float32))
+    np.testing.assert_array_equal(all_outside_table, table)  # not even row 0, which they are pointed at
+    np.testing.assert_array_equal(all_outside_v, 0)
