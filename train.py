@@ -21,6 +21,7 @@ import os
 import platform
 import sys
 import time
+import uuid
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -160,17 +161,10 @@ def run(config, command, tuning, group, log):
         f"{config.optimizer}: optimizer state {sum(v.nbytes for _, v in tree_flatten(optimizer.state)) / 2**20:.2f} "
         f"MiB for {sum(v.size for _, v in tree_flatten(model.parameters())):,} parameters"
     )
-    header = run_header(config, command, world, tuning, ops)
+    header = {**run_header(config, command, world, tuning, ops), "content": task.content}
     if rank > 0:  # same initial weights on every process, but its own dropout and augmentation draws
         mx.random.seed(config.seed + rank)
-    if config.resume:
-        identity = {k: v for k, v in header["config"].items() if k in options.IDENTITY or k == "world_size"}
-        state = checkpoint.load(config.checkpoint_dir, model, optimizer, identity, rank)
-        log.resume(state.log_lines)
-        say(f"resumed from {config.checkpoint_dir} at step {state.step} (epoch {state.epoch + 1}, batch {state.batch})")
-    else:
-        state = RunState()
-        log.start(header)
+    state = start_or_resume(config, model, optimizer, header, log, rank)
     total_steps = min(config.steps or math.inf, config.epochs * task.batches.per_epoch)
     if state.step >= total_steps and state.pending_eval is None:
         say(f"already finished at step {state.step}; nothing to do")
@@ -189,6 +183,23 @@ def run(config, command, tuning, group, log):
         train_loop(fixed, state)
     report(fixed)
     return model, optimizer
+
+
+def start_or_resume(config, model, optimizer, header, log, rank):
+    """The RunState to train from: a new run's, or the checkpoint's (its arrays loaded into `model`
+    and `optimizer`); the log started, or continued if it is this run's."""
+    if not config.resume:
+        state = RunState(run_id=uuid.uuid4().hex[:12])
+        log.start({**header, "run_id": state.run_id})
+        return state
+    identity = {k: v for k, v in header["config"].items() if k in options.IDENTITY or k == "world_size"}
+    state = checkpoint.load(config.checkpoint_dir, model, optimizer, identity, header["content"], rank)
+    log.resume(state.log_lines, {**header, "run_id": state.run_id})
+    if rank == 0:
+        print(
+            f"resumed from {config.checkpoint_dir} at step {state.step} (epoch {state.epoch + 1}, batch {state.batch})"
+        )
+    return state
 
 
 def train_loop(run, state):
@@ -279,6 +290,7 @@ def save(run, state, pending_eval=None):
     """Save the run where it stands (an epoch trained but not evaluated: `pending_eval`)."""
     saved = dataclasses.replace(state, pending_eval=pending_eval, log_lines=run.log.lines, elapsed_s=run.elapsed())
     run_state = {**saved.to_json(run.task.batches.per_epoch), "config": config_record(run.config, run.group.size())}
+    run_state["content"] = run.task.content
     checkpoint.save(run.config.checkpoint_dir, run.model, run.optimizer, run_state, run.group)
 
 

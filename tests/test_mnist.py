@@ -301,7 +301,7 @@ def test_checkpoint_of_an_older_format_is_refused(tmp_path, capsys):
     run_train(tmp_path, "--steps", "3", "--checkpoint-dir", str(ckpt))
     arrays, metadata = mx.load(str(ckpt / "checkpoint.safetensors"), return_metadata=True)
     run_state = json.loads(metadata["run_state"])
-    assert run_state.pop("format") == 2
+    assert run_state.pop("format") == 3
     mx.save_safetensors(str(ckpt / "checkpoint.safetensors"), arrays, metadata={"run_state": json.dumps(run_state)})
     with pytest.raises(SystemExit) as exit_:
         run_train(tmp_path, "--checkpoint-dir", str(ckpt), "--resume")

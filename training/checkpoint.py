@@ -1,7 +1,8 @@
 """Checkpoints: model, optimizer state, RNG key, data position and config in one safetensors file.
 
 <dir>/checkpoint.safetensors holds arrays "model.*", "optimizer.*", "rng.keys" (one RNG key
-per process) and the JSON run state in its metadata; <dir>/checkpoint.json repeats that JSON
+per process) and, in its metadata, the JSON run state and a CRC-32 of every array (checked on
+load); <dir>/checkpoint.json repeats that JSON
 for people. Both are written to a temporary file and renamed, so a crash never leaves half a
 file, and only parameters that are all finite are saved. A run holds <dir>/.lock (an OS file
 lock, released when the process ends, however it ends) so that two runs never share a folder.
@@ -13,15 +14,18 @@ import dataclasses
 import fcntl
 import json
 import os
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import mlx.core as mx
+import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 
-# Version 2 stores dense layers' weights (in, out) (models/dense.py); version 1 had nn.Linear's (out, in),
-# which a square layer would load silently transposed.
-FORMAT = 2
+# Version 3 stores a checksum of every array; 2 did not; 1 had nn.Linear's (out, in) weights, which a square
+# layer would load silently transposed.
+FORMAT = 3
+READABLE = (2, 3)
 FILES = ("checkpoint.safetensors", "checkpoint.json")
 RUN_STATE = {"step": int, "epoch": int, "batch": int, "config": dict}
 
@@ -40,6 +44,7 @@ class RunState:
     window: list = field(default_factory=list)  # training losses since the last logged mean
     first_loss: float | None = None  # the first step's, which divergence is measured against
     last_loss: float | None = None  # the last step's, printed with each evaluation
+    run_id: str = ""  # names the run in its checkpoint and in its log's header
     pending_eval: int | None = None  # an epoch (1-based) trained but not yet evaluated
     log_lines: int = 0  # lines of the log written by then
     elapsed_s: float = 0.0  # training time so far, across resumes
@@ -87,14 +92,17 @@ def claim(directory, resume: bool, overwrite: bool):
         for stale in directory.glob(".checkpoint.tmp*"):  # a save that was killed halfway; the lock says it is over
             stale.unlink()
         exists = (directory / FILES[0]).exists()
-        saved = exists and _saved_run_state(directory / FILES[0])
-        if saved and (not (directory / FILES[1]).exists() or (directory / FILES[1]).read_text() != saved + "\n"):
-            _atomic_write(directory / FILES[1], lambda tmp: tmp.write_text(saved + "\n"))  # killed between the two
         if exists and not resume and not overwrite:
             raise CheckpointError(
                 f"--checkpoint-dir {directory} holds a checkpoint: continue it with --resume, start over with "
                 "--overwrite, or use a new --checkpoint-dir"
             )
+        if overwrite and not resume:  # retired before training: no later --resume can continue the old run
+            for name in FILES:
+                (directory / name).unlink(missing_ok=True)
+        saved = resume and _saved_run_state(directory / FILES[0])
+        if saved and (not (directory / FILES[1]).exists() or (directory / FILES[1]).read_text() != saved + "\n"):
+            _atomic_write(directory / FILES[1], lambda tmp: tmp.write_text(saved + "\n"))  # killed between the two
         lock.seek(0)
         lock.truncate()
         lock.write(f"pid {os.getpid()}\n")
@@ -131,9 +139,14 @@ def all_finite(arrays) -> bool:
     return all(mx.isfinite(v).all().item() for v in arrays if mx.issubdtype(v.dtype, mx.floating))
 
 
+def checksum(array) -> int:
+    """CRC-32 of an array's bytes, whatever its dtype."""
+    return zlib.crc32(memoryview(np.array(array.reshape(-1).view(mx.uint8))))
+
+
 def save(directory, model, optimizer, run_state: dict, group=None):
     """Write the checkpoint of `model`, `optimizer`, the MLX RNG and `run_state` (JSON-able: a
-    RunState's to_json() and the run's config).
+    RunState's to_json(), the run's config and what it trains on), with a checksum of every array.
 
     Under mlx.launch every process of `group` must call it: it gathers their RNG keys. Raises
     CheckpointError, leaving the previous checkpoint as it was, when a parameter is not finite or
@@ -152,10 +165,9 @@ def save(directory, model, optimizer, run_state: dict, group=None):
         raise CheckpointError(f"not saved: the parameters at step {run_state['step']} are not all finite")
     arrays["rng.keys"] = keys
     text = json.dumps({**run_state, "format": FORMAT}, indent=1, sort_keys=True)
+    metadata = {"run_state": text, "checksums": json.dumps({k: checksum(v) for k, v in arrays.items()})}
     try:
-        _atomic_write(
-            directory / FILES[0], lambda tmp: mx.save_safetensors(str(tmp), arrays, metadata={"run_state": text})
-        )
+        _atomic_write(directory / FILES[0], lambda tmp: mx.save_safetensors(str(tmp), arrays, metadata=metadata))
         _atomic_write(directory / FILES[1], lambda tmp: tmp.write_text(text + "\n"))
     except (OSError, RuntimeError) as e:  # MLX reports a failed write as a RuntimeError
         reason = e.strerror if isinstance(e, OSError) else str(e).splitlines()[0]
@@ -164,35 +176,49 @@ def save(directory, model, optimizer, run_state: dict, group=None):
         ) from None
 
 
-def load(directory, model, optimizer, identity: dict, rank: int = 0) -> RunState:
-    """Restore model, optimizer and process `rank`'s RNG from `directory`; return the saved RunState.
-
-    `identity` holds the settings that change what the saved arrays mean: a checkpoint whose config
-    differs in any of them is refused.
-
-    Call it before building the compiled step: the step captures these state objects.
-    """
-    path = Path(directory) / FILES[0]
-    if not path.exists():
-        raise CheckpointError(f"no checkpoint at {path}: drop --resume, or point --checkpoint-dir at a run's folder")
-    not_ours = f"{path} is not a checkpoint of this program"
+def read(path: Path):
+    """(arrays, run state) of a checkpoint file, every array checked against its checksum;
+    CheckpointError naming the file for anything that is not a whole checkpoint of this program."""
+    not_ours = f"{path} is not a checkpoint of this program, or is damaged"
     try:
         arrays, metadata = mx.load(str(path), return_metadata=True)
         run_state = json.loads(metadata["run_state"])
+        checksums = json.loads(metadata.get("checksums", "{}"))
     except Exception as e:  # noqa: BLE001 - any unreadable file gets the same one-line answer
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise CheckpointError(f"{not_ours} or is damaged ({reason}): use another --checkpoint-dir") from None
-    if not isinstance(run_state, dict):
+        raise CheckpointError(f"{not_ours} ({reason}): use another --checkpoint-dir") from None
+    if not isinstance(run_state, dict) or not isinstance(checksums, dict):
         raise CheckpointError(f"{not_ours}: its metadata is not a run state; use another --checkpoint-dir")
-    if run_state.get("format", 1) != FORMAT:
+    if run_state.get("format", 1) not in READABLE:
         raise CheckpointError(
             f"{path} is in checkpoint format {run_state.get('format', 1)}, from another version of "
             f"mlx-adagrad (this one reads format {FORMAT}): resume with that version or use a new --checkpoint-dir"
         )
     wrong = [k for k, kind in RUN_STATE.items() if not isinstance(run_state.get(k), kind)]
     if wrong or "rng.keys" not in arrays:
-        missing = ", ".join(wrong or ["rng.keys"])
-        raise CheckpointError(f"{not_ours}: its run state lacks {missing}; use another --checkpoint-dir")
+        raise CheckpointError(f"{not_ours}: its run state lacks {', '.join(wrong or ['rng.keys'])}")
+    if run_state["format"] >= 3:
+        if set(checksums) != set(arrays):
+            raise CheckpointError(f"{not_ours}: it holds {len(arrays)} arrays, its checksums name {len(checksums)}")
+        damaged = [k for k, v in arrays.items() if checksum(v) != checksums[k]]
+        if damaged:
+            raise CheckpointError(f"{path} is damaged: {len(damaged)} array(s) fail their checksum, first {damaged[0]}")
+    return arrays, run_state
+
+
+def load(directory, model, optimizer, identity: dict, content: dict, rank: int = 0) -> RunState:
+    """Restore model, optimizer and process `rank`'s RNG from `directory`; return the saved RunState.
+
+    `identity` holds the settings that change what the saved arrays mean and `content` digests of
+    what the run trains on: a checkpoint that differs in any of them is refused. The model and the
+    optimizer (initialised) give the arrays it must hold, each of its shape and dtype.
+
+    Call it before building the compiled step: the step captures these state objects.
+    """
+    path = Path(directory) / FILES[0]
+    if not path.exists():
+        raise CheckpointError(f"no checkpoint at {path}: drop --resume, or point --checkpoint-dir at a run's folder")
+    arrays, run_state = read(path)
     saved = run_state["config"]
     differ = [k for k in identity if saved.get(k) != identity[k]]
     if differ:
@@ -201,14 +227,26 @@ def load(directory, model, optimizer, identity: dict, rank: int = 0) -> RunState
             f"{path} is from another run configuration: {changes}; "
             f"resume with the same settings or use a new --checkpoint-dir"
         )
-
-    params = {k[len("model.") :]: v for k, v in arrays.items() if k.startswith("model.")}
-    current = dict(tree_flatten(model.parameters()))
-    if {k: v.shape for k, v in params.items()} != {k: v.shape for k, v in current.items()}:
-        raise CheckpointError(f"{path} holds weights of another model shape: use a new --checkpoint-dir")
+    saved_content = run_state.get("content", content)
+    if saved_content != content:
+        changed = ", ".join(k for k in content if saved_content.get(k) != content[k])
+        raise CheckpointError(
+            f"{path} was trained on other data ({changed} differ from the checkpoint's): resume with the same "
+            "files or use a new --checkpoint-dir"
+        )
+    expected = {f"model.{k}": v for k, v in tree_flatten(model.parameters())}
+    expected.update({f"optimizer.{k}": v for k, v in tree_flatten(optimizer.state)})
+    for name, want in expected.items():
+        got = arrays.get(name)
+        if got is None or got.shape != want.shape or got.dtype != want.dtype:
+            found = "missing" if got is None else f"{got.dtype} {got.shape}"
+            raise CheckpointError(
+                f"{path} does not fit this model: {name} is {found}, this run has {want.dtype} {want.shape}; "
+                "use a new --checkpoint-dir"
+            )
     if arrays["rng.keys"].shape[0] <= rank:
         raise CheckpointError(f"{path} holds RNG keys for {arrays['rng.keys'].shape[0]} process(es), not rank {rank}")
-    model.update(tree_unflatten(list(params.items())))
+    model.update(tree_unflatten([(k[len("model.") :], v) for k, v in arrays.items() if k.startswith("model.")]))
     optimizer.state = tree_unflatten(
         [(k[len("optimizer.") :], v) for k, v in arrays.items() if k.startswith("optimizer.")]
     )
@@ -219,8 +257,12 @@ def load(directory, model, optimizer, identity: dict, rank: int = 0) -> RunState
 
 
 def last_good(checkpoint_dir):
-    """'; the last good checkpoint (step N) is in DIR', or '' without one."""
-    path = checkpoint_dir and Path(checkpoint_dir) / FILES[1]
+    """'; the last good checkpoint (step N) is in DIR' when DIR holds one that passes its checks, else ''."""
+    path = checkpoint_dir and Path(checkpoint_dir) / FILES[0]
     if not path or not path.exists():
         return ""
-    return f"; the last good checkpoint (step {json.loads(path.read_text())['step']}) is in {checkpoint_dir}"
+    try:
+        _, run_state = read(path)
+    except CheckpointError:
+        return ""
+    return f"; the last good checkpoint (step {run_state['step']}) is in {checkpoint_dir}"

@@ -1,5 +1,6 @@
 """The run's JSONL log: a header line, then one JSON object a line, each written whole or not at all."""
 
+import fcntl
 import json
 from pathlib import Path
 
@@ -12,7 +13,9 @@ class JsonlLog:
     """One JSON object per line; a no-op without a path.
 
     Opening checks that the file can be written and that a fresh run does not overwrite another
-    run's log; nothing in the file changes until start() (a fresh run) or resume(lines).
+    run's log, and claims the file (an OS lock, released when the process ends however it ends) so
+    that no two runs ever write one log; nothing in the file changes until start() (a fresh run) or
+    resume() (only the log of the run resumed, named by its run id).
     """
 
     def __init__(self, path, fresh: bool, overwrite: bool = False):
@@ -29,6 +32,13 @@ class JsonlLog:
             self.file = open(self.path, "ab", buffering=0)  # unbuffered: a record is one write
         except OSError as e:
             raise LogError(f"cannot write --log-file {self.path} ({e.strerror}): choose a writable path") from None
+        try:
+            fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self.close()
+            raise LogError(f"--log-file {self.path} is in use by another train.py: give each run its own log") from None
+        except OSError:
+            pass  # a file that cannot be locked (a device such as /dev/full): written without the claim
 
     def _cut(self, size: int):
         if self.path.is_file():
@@ -40,12 +50,25 @@ class JsonlLog:
             self._cut(0)
             self.write(header)
 
-    def resume(self, lines: int):
-        """Continue after the first `lines` lines (what the checkpoint had logged): later ones are
-        dropped, since the resumed run writes them again."""
-        if not self.file or not self.path.is_file():
+    def resume(self, lines: int, header: dict):
+        """Continue the log of the run `header` names (its run_id) after its first `lines` lines (what
+        the checkpoint had logged): later ones are dropped, since the resumed run writes them again.
+        An empty or new file starts with `header`; the log of another run is refused, untouched."""
+        if not self.file:
             return
-        kept = self.path.read_bytes().splitlines(keepends=True)[:lines]
+        text = self.path.read_bytes() if self.path.is_file() else b""
+        if not text:
+            return self.write(header)
+        try:
+            logged = json.loads(text.split(b"\n", 1)[0]).get("run_id", "")
+        except (ValueError, AttributeError):
+            logged = None
+        if logged != header.get("run_id", ""):
+            raise LogError(
+                f"--log-file {self.path} is not the log of the run in --checkpoint-dir (run "
+                f"{header.get('run_id') or 'unnamed'}): pass that run's log, or a new --log-file"
+            )
+        kept = text.splitlines(keepends=True)[:lines]
         self._cut(sum(len(line) for line in kept))
         self.lines = len(kept)
 

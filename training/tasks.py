@@ -2,6 +2,7 @@
 training batches, a train-time augmentation, its loss per target (token_losses(model, inputs,
 targets)) and an evaluation."""
 
+import hashlib
 import math
 import os
 from functools import partial
@@ -35,6 +36,7 @@ def setup_mnist(args, ops):
 
     return SimpleNamespace(
         model=model,
+        content={"data_sha256": digest(*data.values())},
         evaluate=evaluate,
         unit="samples",
         per_batch=lambda batch: len(batch[1]),
@@ -96,8 +98,11 @@ def setup_lm(args, ops):
             sampled.append(mx.random.categorical(logits / temperature, key=subkey).item())
         return text.decode(sp, sp_ids[sampled[1:]].tolist())
 
+    content = {"data_sha256": digest(*(t.encode() for t in splits.values()))}
+    content["tokenizer_sha256"] = digest(sp.serialized_model_proto())
     return SimpleNamespace(
         model=model,
+        content=content,
         evaluate=evaluate,
         unit="tokens",
         per_batch=lambda batch: batch[1].size,
@@ -106,6 +111,14 @@ def setup_lm(args, ops):
         augment=lambda x: x,
         token_losses=lambda model, x, y: model.nll(x, y),
     )
+
+
+def digest(*parts) -> str:
+    """sha256 of what a run trains on (arrays or bytes), for its checkpoint: a resume must train on the same."""
+    h = hashlib.sha256()
+    for part in parts:
+        h.update(part.tobytes() if isinstance(part, np.ndarray) else part)
+    return h.hexdigest()[:16]
 
 
 def step_bytes(args, model) -> int:
