@@ -147,8 +147,8 @@ def run(config, command, tuning, group, log):
     blas_threads = f", {threads(cpu_tuning.blas_threads())} of BLAS" if cpu_tuning.blas_threads() > 1 else ""
     processes = f", data-parallel on {world} processes" if world > 1 else ""
     say(f"device: {config.device} ({ops.name}), {tuning['short']}{blas_threads}{processes}")
-    if tuning["hint"] and rank == 0:
-        print(f"train.py: {tuning['hint']}", file=sys.stderr)
+    if tuning["hint"]:
+        say(f"note: {tuning['hint']}")
     mx.random.seed(config.seed)
     task = (tasks.setup_mnist if config.task == "mnist" else tasks.setup_lm)(config, ops)
     tasks.check_memory(config, task.model)

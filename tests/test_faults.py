@@ -4,6 +4,7 @@ An interrupted run, killed with SIGKILL or stopped with Ctrl-C, resumes to the u
 log, line for line but for timings, and its weights, bit for bit."""
 
 import errno
+import fcntl
 import hashlib
 import json
 import random
@@ -149,6 +150,117 @@ def test_a_checkpoint_with_edited_metadata_is_not_ours(tmp_path, mnist_dir, caps
         assert "is not a checkpoint of this program" in fails(capsys, [*base, "--resume"])
     mx.save_safetensors(str(ckpt / "checkpoint.safetensors"), arrays)  # no metadata at all
     assert "is not a checkpoint of this program" in fails(capsys, [*base, "--resume"])
+
+
+# ---------------------------------------------------------------------------------------
+# A run's log is its own
+
+
+def test_two_runs_never_write_one_log(tmp_path, mnist_dir, capsys):
+    log = tmp_path / "run.jsonl"
+    with open(log, "ab") as held:  # another train.py holds the log
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        error = fails(capsys, ["--data-dir", str(mnist_dir), *SMALL, "--log-file", str(log), "--overwrite"])
+    assert f"--log-file {log} is in use by another train.py" in error and log.read_bytes() == b""
+
+
+def test_resume_continues_only_its_own_runs_log(tmp_path, mnist_dir, capsys):
+    base = ["--data-dir", str(mnist_dir), *SMALL, "--steps", "3"]
+    ours, other = tmp_path / "ours.jsonl", tmp_path / "other.jsonl"
+    train.main([*base, "--checkpoint-dir", str(tmp_path / "ckpt"), "--log-file", str(ours)])
+    train.main([*base, "--log-file", str(other)])  # another run's log, longer than the checkpoint's
+    before = snapshot(tmp_path)
+    error = fails(capsys, [*base, "--steps", "5", "--checkpoint-dir", str(tmp_path / "ckpt"), "--log-file",
+                           str(other), "--resume"])  # fmt: skip
+    assert f"--log-file {other} is not the log of the run in --checkpoint-dir" in error
+    assert snapshot(tmp_path) == before
+    train.main([*base, "--steps", "5", "--checkpoint-dir", str(tmp_path / "ckpt"), "--log-file", str(ours), "--resume"])
+    header = read_log(ours)[0]
+    assert header["run_id"] == json.loads((tmp_path / "ckpt" / "checkpoint.json").read_text())["run_id"]
+
+
+# ---------------------------------------------------------------------------------------
+# A checkpoint proves itself
+
+
+def damage(ckpt, how):
+    """Damage DIR/checkpoint.safetensors as `how` says; a checkpoint of the tests' small MLP."""
+    path = ckpt / "checkpoint.safetensors"
+    raw = bytearray(path.read_bytes())
+    header_end = 8 + int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8:header_end])
+    if how == "random bytes":
+        raw[header_end + 100 : header_end + 164] = random.Random(0).randbytes(64)
+    elif how == "a zeroed block":
+        raw[-4096:] = bytes(4096)
+    elif how == "cut short":
+        raw = raw[: len(raw) // 2]
+    elif how == "a header that lies":  # an array claimed to reach past the end of the file
+        name = next(k for k in header if k != "__metadata__")
+        start, _ = header[name]["data_offsets"]
+        header[name]["data_offsets"] = [start, start + 10**9]
+        header[name]["shape"] = [10**9 // 4]
+        text = json.dumps(header).encode()
+        raw = bytearray(len(text).to_bytes(8, "little")) + text + raw[header_end:]
+    else:  # arrays re-saved consistently, checksums and all, but not this model's
+        arrays, metadata = mx.load(str(path), return_metadata=True)
+        name = "model.head.weight"
+        if how == "a missing array":
+            del arrays[name]
+        elif how == "a wrong shape":
+            arrays[name] = arrays[name][:, :5]
+        elif how == "a wrong dtype":
+            arrays[name] = arrays[name].astype(mx.float16)
+        sums = {k: checkpoint.checksum(v) for k, v in arrays.items()}
+        mx.save_safetensors(str(path), arrays, metadata={**metadata, "checksums": json.dumps(sums)})
+        return
+    path.write_bytes(bytes(raw))
+
+
+DAMAGE = ["random bytes", "a zeroed block", "cut short", "a header that lies", "a missing array", "a wrong shape",
+          "a wrong dtype"]  # fmt: skip
+
+
+@pytest.mark.parametrize("how", DAMAGE)
+def test_a_damaged_checkpoint_is_one_line_and_never_loaded(tmp_path, mnist_dir, capsys, how):
+    ckpt = tmp_path / "ckpt"
+    base = ["--data-dir", str(mnist_dir), *SMALL, "--checkpoint-dir", str(ckpt)]
+    train.main([*base, "--steps", "3"])
+    damage(ckpt, how)
+    before = snapshot(tmp_path)
+    error = fails(capsys, [*base, "--steps", "6", "--resume"])
+    assert str(ckpt / "checkpoint.safetensors") in error, error
+    assert snapshot(tmp_path) == before
+    if how in DAMAGE[:4]:  # bytes damaged: never called the last good checkpoint
+        assert checkpoint.last_good(ckpt) == ""
+    train.main([*base, "--steps", "2", "--overwrite"])  # starts over, whatever the old one holds
+    assert json.loads((ckpt / "checkpoint.json").read_text())["step"] == 2
+
+
+def test_overwrite_retires_the_old_checkpoint_before_training(tmp_path, mnist_dir, capsys):
+    ckpt, log = tmp_path / "ckpt", tmp_path / "run.jsonl"
+    base = ["--data-dir", str(mnist_dir), *SMALL, "--checkpoint-dir", str(ckpt), "--log-file", str(log)]
+    train.main([*base, "--steps", "3"])
+    # A redo that dies before its first checkpoint (here: on a bad --lr for its optimizer)...
+    fails(capsys, [*base, "--overwrite", "--optimizer", "sgd", "--lr", "1e6", "--checkpoint-every", "100"])
+    # ...leaves nothing that --resume could continue into the new log.
+    assert "no checkpoint in" in fails(capsys, [*base, "--resume"])
+
+
+# ---------------------------------------------------------------------------------------
+# A resume continues the same training
+
+
+def test_a_resume_on_edited_data_is_refused(tmp_path, capsys):
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(make_text())
+    ckpt = tmp_path / "ckpt"
+    base = ["--task", "lm", "--dataset", str(corpus), "--cache-dir", str(tmp_path / "cache"), "--vocab-size", "300",
+            "--dim", "32", "--layers", "1", "--context", "16", "--checkpoint-dir", str(ckpt)]  # fmt: skip
+    train.main([*base, "--steps", "2"])
+    corpus.write_text(make_text().replace("the", "thy"))  # same path, other text
+    error = fails(capsys, [*base, "--steps", "4", "--resume"])
+    assert "was trained on other data (data_sha256, tokenizer_sha256 differ" in error, error
 
 
 # ---------------------------------------------------------------------------------------

@@ -239,9 +239,9 @@ def load(directory, model, optimizer, identity: dict, content: dict, rank: int =
     for name, want in expected.items():
         got = arrays.get(name)
         if got is None or got.shape != want.shape or got.dtype != want.dtype:
-            found = "missing" if got is None else f"{got.dtype} {got.shape}"
+            found = "missing" if got is None else f"{_name(got.dtype)} {got.shape}"
             raise CheckpointError(
-                f"{path} does not fit this model: {name} is {found}, this run has {want.dtype} {want.shape}; "
+                f"{path} does not fit this model: {name} is {found}, this run has {_name(want.dtype)} {want.shape}; "
                 "use a new --checkpoint-dir"
             )
     if arrays["rng.keys"].shape[0] <= rank:
@@ -254,6 +254,10 @@ def load(directory, model, optimizer, identity: dict, content: dict, rank: int =
     high, low = arrays["rng.keys"][rank].tolist()  # mx.random.key(seed) is [seed >> 32, seed & 0xffffffff]
     mx.random.seed((high << 32) | low)
     return RunState.from_json(run_state)
+
+
+def _name(dtype) -> str:
+    return str(dtype).rsplit(".", 1)[-1]
 
 
 def last_good(checkpoint_dir):

@@ -25,9 +25,7 @@ from pathlib import Path
 
 WHEEL = "scipy_openblas32"
 SYSTEM = ["libopenblas.so.0", "libopenblas.so"]
-INSTALL_HINT = (
-    "pip install -r requirements.txt (scipy-openblas32) and a C compiler, or apt-get install libopenblas0-pthread"
-)
+INSTALL_HINT = "pip install -r requirements.txt (scipy-openblas32; needs gcc), or apt-get install libopenblas0-pthread"
 # Every BLAS and LAPACK function libmlx 0.32 imports (nm -D --undefined-only libmlx.so; tested).
 FORWARDED = """cblas_sgemm cblas_dgemm cblas_cgemm sgetrf_ dgetrf_ sgetri_ dgetri_ spotrf_ dpotrf_ strtri_ dtrtri_
 sgeqrf_ dgeqrf_ sorgqr_ dorgqr_ sgesdd_ dgesdd_ cgesdd_ ssyevd_ dsyevd_ cheevd_ sgeev_ dgeev_ cgeev_""".split()
