@@ -35,7 +35,7 @@ from data import DataError
 from models import ops as model_ops
 from training import checkpoint, cpu_tuning, options, reproduce, tasks
 from training.checkpoint import CheckpointError, RunState
-from training.interrupts import Interrupts
+from training.interrupts import Interrupts, Stopped
 from training.options import DIVERGED, OptionError
 from training.reproduce import RecordError
 from training.runlog import JsonlLog, LogError
@@ -46,28 +46,20 @@ class Diverged(Exception):
     """The loss stopped being finite, or grew past DIVERGED times its first value."""
 
 
-class Stopped(Exception):
-    """A stop signal ended the run after saving it: the message says where; `code` is the exit status."""
-
-    def __init__(self, message, code):
-        super().__init__(message)
-        self.code = code
-
-
 # What a user can fix: one line and exit 2, from main().
 USER_ERRORS = (OptionError, DataError, CheckpointError, LogError, RecordError, Diverged)
 
 
 def main(argv=None):
-    typed = sys.argv if argv is None else ["train.py", *argv]
-    command = " ".join([Path(sys.executable).name if argv is None else "python", *typed])
+    command = " ".join(["python", *(sys.argv if argv is None else ["train.py", *argv])])  # as typed
     try:
-        config = options.parse(argv, __doc__)
-        config.device = choose_device(config.device)
-        tuning = cpu_tuning.enable(config.cpu_tuning == "on", config.device, restart=argv is None)
-        if config.reproduce:
-            sys.exit(reproduce.rerun(config, partial(train, tuning=tuning)))
-        return train(config, command, tuning)
+        with Interrupts() as interrupts:
+            config = options.parse(argv, __doc__)
+            config.device = choose_device(config.device)
+            tuning = cpu_tuning.enable(config.cpu_tuning == "on", config.device, restart=argv is None)
+            if config.reproduce:
+                sys.exit(reproduce.rerun(config, partial(train, tuning=tuning, interrupts=interrupts)))
+            return train(config, command, tuning, interrupts)
     except USER_ERRORS as e:
         rank = mx.distributed.init().rank() if mx.distributed.is_available() else 0
         print(f"train.py: error{f' (rank {rank})' if rank else ''}: {e}", file=sys.stderr)
@@ -89,7 +81,7 @@ def choose_device(requested):
     return device
 
 
-def train(config, command, tuning):
+def train(config, command, tuning, interrupts):
     """Train as `config` says; return the model and optimizer. Under mlx.launch, data-parallel.
 
     The outputs come first: a run that cannot save what it does, or would overwrite another's, never starts."""
@@ -110,7 +102,7 @@ def train(config, command, tuning):
         log = outputs.enter_context(
             JsonlLog(config.log_file if rank == 0 else None, fresh=not config.resume, overwrite=config.overwrite)
         )
-        return run(config, command, tuning, group, log)
+        return run(config, command, tuning, group, log, interrupts)
 
 
 @dataclass(frozen=True)
@@ -138,7 +130,7 @@ class Run:
             print(*text)
 
 
-def run(config, command, tuning, group, log):
+def run(config, command, tuning, group, log, interrupts):
     """Build the task, optimizer and step, start or resume, train, report."""
     rank, world = group.rank(), group.size()
     say = print if rank == 0 else (lambda *_: None)
@@ -176,7 +168,7 @@ def run(config, command, tuning, group, log):
     )
     if not config.no_compile:
         step = partial(mx.compile, inputs=arrays, outputs=arrays)(step)
-    with Interrupts(world) as interrupts:
+    with interrupts.deferred(world):
         started = time.perf_counter() - state.elapsed_s
         fixed = Run(config, command, task, model, optimizer, step, arrays, log, group, interrupts, total_steps, started)
         model.train()

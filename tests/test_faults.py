@@ -7,6 +7,7 @@ import errno
 import fcntl
 import hashlib
 import json
+import os
 import random
 import signal
 import subprocess
@@ -450,3 +451,44 @@ def test_kill_9_at_random_moments_then_resume_gives_the_uninterrupted_run(tmp_pa
         mx.load(str(ckpt / "checkpoint.safetensors"), return_metadata=True)[1]["run_state"]
     )
     assert_same_run(log, ckpt, uninterrupted)
+
+
+# ---------------------------------------------------------------------------------------
+# A stop signal at any moment: one line, 128 + the signal
+
+
+@pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+@pytest.mark.parametrize("delay", [0.0, 0.4, 1.5])
+def test_a_stop_signal_at_any_moment_is_one_line(tmp_path, stop, delay):
+    """From the first line train.py prints on: loading text, training the tokenizer, compiling,
+    training, evaluating; a signal ends the run with one line and exit 128 + its number."""
+    (tmp_path / "corpus.txt").write_text(make_text() * 20)
+    argv = ["--task", "lm", "--dataset", str(tmp_path / "corpus.txt"), "--cache-dir", str(tmp_path / "cache"),
+            "--vocab-size", "300", "--dim", "64", "--epochs", "3",
+            "--checkpoint-dir", str(tmp_path / "ckpt")]  # fmt: skip
+    process = run_cli(argv, env=os.environ | {"PYTHONUNBUFFERED": "1"})
+    assert process.stdout.readline().startswith("device: "), "train.py did not start"
+    time.sleep(delay)
+    process.send_signal(stop)
+    _, err = process.communicate(timeout=120)
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert process.returncode == 128 + stop, err
+    assert len(lines) == 1 and lines[0].startswith(f"train.py: stopped by {stop.name}"), err
+
+
+def test_the_wall_clock_continues_across_a_resume(tmp_path, mnist_dir, monkeypatch):
+    ckpt, log = tmp_path / "ckpt", tmp_path / "run.jsonl"
+    base = ["--data-dir", str(mnist_dir), *SMALL, "--checkpoint-dir", str(ckpt), "--log-file", str(log)]
+    take_step = train.take_step
+
+    def slow_step(*args):
+        time.sleep(0.1)
+        return take_step(*args)
+
+    monkeypatch.setattr(train, "take_step", slow_step)
+    train.main([*base, "--steps", "10"])  # at least 1 s of training
+    saved = json.loads((ckpt / "checkpoint.json").read_text())["elapsed_s"]
+    monkeypatch.setattr(train, "take_step", take_step)
+    train.main([*base, "--steps", "11", "--resume"])
+    final = read_log(log)[-1]
+    assert saved >= 1.0 and final["step"] == 11 and final["elapsed_s"] > saved, (saved, final)

@@ -34,6 +34,7 @@ import hashlib
 import os
 import platform
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -42,6 +43,7 @@ from pathlib import Path
 from training import cpu_blas
 
 SWITCH = "MLX_ADAGRAD_CPU_TUNING"
+STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
 FLAGS = "-march=native -fno-math-errno -fno-trapping-math -ffp-contract=off -finline-limit=10000"
 KERNEL_CACHE = Path.home() / ".cache" / "mlx-adagrad-kernels"
 GRAPH_WIDTH = "1000"
@@ -98,6 +100,7 @@ def _load_blas(restart: bool, compiler) -> str:
     global _blas
     restarted = _PRELOADED in os.environ  # this is the restarted process: OpenBLAS came first
     if restarted:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)  # held while it started; pending ones arrive now
         previous = os.environ.pop(_PRELOADED)
         os.environ.pop("LD_PRELOAD", None)
         if previous:
@@ -110,6 +113,7 @@ def _load_blas(restart: bool, compiler) -> str:
             return "reference BLAS (mlx.core was imported before OpenBLAS could be loaded)"
         sys.stdout.flush()
         sys.stderr.flush()
+        signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)  # a Ctrl-C while restarting waits for the handlers
         previous = os.environ.get("LD_PRELOAD", "")
         env = {**os.environ, _PRELOADED: previous, "LD_PRELOAD": f"{previous} {blas.preload}".strip()}
         os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)
