@@ -83,3 +83,46 @@ def test_a_log_naming_an_unknown_model_is_refused_before_training(tmp_path, caps
     assert exit_.value.code == 2 and "reproducing" not in out
     expected = f"{log} records --model 'resnet', not one of mlp, cnn, transformer: it is not a log of this program"
     assert err.strip().splitlines()[-1] == f"train.py: error: {expected}"
+
+
+def edit_header(key, value):
+    return lambda records: records[0]["config"].__setitem__(key, value)
+
+
+def edit_record(key, value):
+    return lambda records: next(r for r in records[1:] if "loss" in r).__setitem__(key, value)
+
+
+BAD_LOGS = [  # (how the recorded log is damaged, a fragment of the one line)
+    ("a line that is a list", lambda records: records.insert(1, [1, 2]), "line 2 is not a JSON object"),
+    ("no config", lambda records: records[0].pop("config"), "has no command and config"),
+    ("a loss that is text", edit_record("loss", "0.5"), "loss is '0.5', not a number"),
+    ("a float step", edit_record("step", 2.0), "step is 2.0, not a number"),
+    ("a float batch size", edit_header("batch_size", 32.5), "records --batch-size 32.5"),
+    ("text for a number", edit_header("lr", "fast"), "records --lr 'fast'"),
+    ("a dropout out of range", edit_header("dropout", 1.5), "records --dropout 1.5"),
+    ("a flag that is not a bool", edit_header("resume", "yes"), "records --resume 'yes'"),
+    ("a model this program lacks", edit_header("model", "resnet"), "records --model 'resnet', not one of"),
+    ("an option this program lacks", edit_header("momentum", 0.9), "options this train.py does not have (momentum)"),
+    ("a process count that is text", edit_header("world_size", "two"), "world_size 'two'"),
+]
+
+
+@pytest.mark.parametrize("how, damage, message", BAD_LOGS, ids=[case[0] for case in BAD_LOGS])
+def test_a_damaged_or_edited_log_is_one_line(tmp_path, capsys, how, damage, message):
+    log, records = record(tmp_path, "--steps", "4", "--log-every", "2")
+    damage(records)
+    log.write_text("".join(json.dumps(r) + "\n" for r in records))
+    with pytest.raises(SystemExit) as exit_:
+        train.main(["--reproduce", str(log), "--data-dir", str(tmp_path)])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert exit_.value.code == 2 and len(lines) == 1 and message in lines[0], lines
+
+
+@pytest.mark.parametrize("content", [b"", b"\xff\xfe\x00garbage", b"{}\n"], ids=["empty", "binary", "empty object"])
+def test_a_file_that_is_no_log_is_one_line(tmp_path, capsys, content):
+    (tmp_path / "log.jsonl").write_bytes(content)
+    with pytest.raises(SystemExit) as exit_:
+        train.main(["--reproduce", str(tmp_path / "log.jsonl")])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert exit_.value.code == 2 and len(lines) == 1 and "is not a log written by train.py" in lines[0], lines

@@ -6,6 +6,7 @@ it, since its first updates move each weight by about lr * sign(g), so a gradien
 rounds to the other sign moves its weight by 2 lr. curves/README.md has the measurements.
 """
 
+import argparse
 import json
 import math
 import tempfile
@@ -24,25 +25,77 @@ class RecordError(Exception):
     """A recorded log (--reproduce LOG) that cannot be reproduced; the message says why."""
 
 
-def read_log(path: Path, steps: int, known_options) -> tuple:
-    """(header, {step: record}) of a train.py --log-file, its training records up to `steps`."""
+def read_log(path: Path, steps: int) -> tuple:
+    """(header, {step: record}) of a train.py --log-file, its training records up to `steps`; every
+    value it uses checked, so that a damaged or hand-edited log is one RecordError naming the line."""
+    not_a_log = f"{path} is not a log written by train.py --log-file"
     try:
-        lines = [json.loads(line) for line in Path(path).read_text().splitlines()]
-        header = lines[0]
-        config = header["config"]
-        header["command"]
-    except (OSError, ValueError, KeyError, IndexError, TypeError) as e:
-        raise RecordError(f"{path} is not a log written by train.py --log-file ({type(e).__name__}: {e})") from None
-    unknown = sorted(set(config) - set(known_options) - {"world_size"})
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise RecordError(f"{not_a_log} ({getattr(e, 'strerror', None) or e.__class__.__name__})") from None
+    records = []
+    for number, line in enumerate(lines, 1):
+        try:
+            record = json.loads(line)
+        except ValueError:
+            record = None
+        if not isinstance(record, dict):
+            raise RecordError(f"{not_a_log}: line {number} is not a JSON object")
+        records.append(record)
+    header = records[0] if records else {}
+    if not isinstance(header.get("config"), dict) or not isinstance(header.get("command"), str):
+        raise RecordError(f"{not_a_log}: its first line has no command and config")
+    check_config(path, header["config"])
+    recorded = {}
+    for number, record in enumerate(records[1:], 2):
+        if "loss" not in record:
+            continue
+        wrong = [k for k in ("step", *COMPARED) if not _is_number(record.get(k), integer=k == "step")]
+        if wrong:
+            raise RecordError(f"{path} line {number}: {wrong[0]} is {record.get(wrong[0])!r}, not a number of its kind")
+        if record["step"] <= steps:
+            recorded[record["step"]] = record
+    if not recorded:
+        raise RecordError(f"{path} logs no training loss within the first {steps} steps: raise --reproduce-steps")
+    return header, recorded
+
+
+def _is_number(value, integer=False) -> bool:
+    if isinstance(value, bool):
+        return False
+    return isinstance(value, int) if integer else isinstance(value, (int, float))
+
+
+def check_config(path, config: dict):
+    """RecordError unless every recorded option is one of this train.py's, with a value it accepts."""
+    unknown = sorted(set(config) - set(options.BY_NAME) - {"world_size"})
     if unknown:
         raise RecordError(
             f"{path} records options this train.py does not have ({', '.join(unknown)}): "
             "reproduce it with the version that wrote it"
         )
-    recorded = {r["step"]: r for r in lines[1:] if "loss" in r and r["step"] <= steps}
-    if not recorded:
-        raise RecordError(f"{path} logs no training loss within the first {steps} steps: raise --reproduce-steps")
-    return header, recorded
+    if not _is_number(config.get("world_size", 1), integer=True) or config.get("world_size", 1) < 1:
+        raise RecordError(f"{path} records world_size {config.get('world_size')!r}, not a process count")
+    for name, value in config.items():
+        option = options.BY_NAME.get(name)
+        if option is None or value is None:
+            continue
+        if option.choices and value not in option.choices:
+            raise RecordError(
+                f"{path} records {option.flags} {value!r}, not one of {', '.join(option.choices)}: "
+                "it is not a log of this program"
+            )
+        if option.flag:
+            accepted = isinstance(value, bool)
+        elif option.type is Path or option.type is str:
+            accepted = isinstance(value, str)
+        else:
+            try:  # the option's own parser and range, on a number of its kind
+                accepted = _is_number(value, integer=option.type.__name__ == "int") and option.type(str(value)) == value
+            except (ValueError, argparse.ArgumentTypeError):
+                accepted = False
+        if not accepted:
+            raise RecordError(f"{path} records {option.flags} {value!r}, which this train.py does not accept")
 
 
 def same_machine(header: dict, rerun_header: dict) -> bool:
@@ -83,7 +136,7 @@ def rerun(config, train) -> int:
     """Rerun the first --reproduce-steps steps of the run config.reproduce records, with `train`
     (train.py's), and compare its logged losses and learning rates: 0 if they match, else 1."""
     log, steps = config.reproduce, config.reproduce_steps
-    header, recorded = read_log(log, steps, options.BY_NAME)
+    header, recorded = read_log(log, steps)
     group = mx.distributed.init()
     recorded_world = header["config"].get("world_size", 1)
     if recorded_world != group.size():
@@ -92,13 +145,6 @@ def rerun(config, train) -> int:
             f"run mlx.launch -n {recorded_world} -- python train.py --reproduce {log}"
         )
     recorded_config = {k: v for k, v in header["config"].items() if k != "world_size"}
-    for option in options.OPTIONS:  # a hand-edited log could name a model or dataset this program lacks
-        value = recorded_config.get(option.dest)
-        if option.choices and value is not None and value not in option.choices:
-            raise RecordError(
-                f"{log} records {option.flags} {value!r}, not one of {', '.join(option.choices)}: "
-                "it is not a log of this program"
-            )
     cache_dir = Path(recorded_config["cache_dir"]) if recorded_config.get("cache_dir") else None
     with tempfile.TemporaryDirectory() as tmp:
         rerun_log = Path(tmp) / "rerun.jsonl"
