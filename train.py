@@ -143,9 +143,10 @@ def run(config, command, tuning, group, log, interrupts):
         say(f"note: {tuning['hint']}")
     mx.random.seed(config.seed)
     task = (tasks.setup_mnist if config.task == "mnist" else tasks.setup_lm)(config, ops)
-    tasks.check_memory(config, task.model)
-    model = task.model
-    optimizer = make_optimizer(config, learning_rate(config, config.epochs * task.batches.per_epoch), model)
+    model, schedule_steps = task.model, config.epochs * task.batches.per_epoch
+    if config.warmup >= schedule_steps:
+        raise OptionError(f"--warmup {config.warmup} is not shorter than the run's {schedule_steps} steps: lower it")
+    optimizer = make_optimizer(config, learning_rate(config, schedule_steps), model)
     optimizer.init(model.trainable_parameters())
     for path in model.input_tables() if config.sparse_embeddings else []:
         optimizer.init_rows(model, path)

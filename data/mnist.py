@@ -75,6 +75,8 @@ def load(dataset: str, data_dir: Path, verify: bool = True) -> dict:
         paths = {kind: files[FILES[f"{split}_{kind}"]] for kind in ("images", "labels")}
         images = read_idx(paths["images"], IMAGE_MAGIC, 3)
         labels = read_idx(paths["labels"], LABEL_MAGIC, 1)
+        if len(images) == 0:
+            raise DataError(f"{paths['images']} holds no images: replace it with the original file")
         if images.shape[1:] != (28, 28):
             raise DataError(f"{paths['images']} holds {images.shape[1]}x{images.shape[2]} images, expected 28x28")
         if len(images) != len(labels):

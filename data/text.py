@@ -163,7 +163,7 @@ def tokenizer(train_text: str, vocab_size, model_type: str, cache_dir: Path):
             pass
     model = io.BytesIO()
     try:
-        spm.SentencePieceTrainer.train(sentence_iterator=iter(train_text.split("\n")), model_writer=model, **settings)
+        spm.SentencePieceTrainer.train(sentence_iterator=sentences(train_text), model_writer=model, **settings)
     except RuntimeError as e:
         most, least = re.search(r"<= (\d+)", str(e)), re.search(r"required_chars\. \d+ vs (\d+)", str(e))
         limit = (
@@ -180,6 +180,13 @@ def tokenizer(train_text: str, vocab_size, model_type: str, cache_dir: Path):
             tmp.unlink(missing_ok=True)
         print(f"note: tokenizer not cached, {path.parent} cannot be written ({e.strerror})", file=sys.stderr)
     return spm.SentencePieceProcessor(model_proto=model.getvalue())
+
+
+def sentences(text: str, longest: int = 1000):
+    """The lines of `text` for SentencePiece's trainer, a line longer than `longest` characters cut into
+    pieces (it skips sentences over 4192 bytes, so text on one long line would leave it nothing)."""
+    for line in text.split("\n"):
+        yield from (line[i : i + longest] for i in range(0, len(line), longest)) if len(line) > longest else [line]
 
 
 def encode(sp, text: str) -> np.ndarray:

@@ -5,6 +5,7 @@ log, line for line but for timings, and its weights, bit for bit."""
 
 import errno
 import fcntl
+import gzip
 import hashlib
 import json
 import os
@@ -154,6 +155,28 @@ def test_a_checkpoint_with_edited_metadata_is_not_ours(tmp_path, mnist_dir, caps
 
 
 # ---------------------------------------------------------------------------------------
+# Data in odd shapes
+
+
+def test_idx_files_that_hold_no_items_are_one_line(tmp_path, capsys):
+    data = tmp_path / "data"
+    write_small_mnist(data)
+    empty = gzip.compress((2051).to_bytes(4, "big") + (0).to_bytes(4, "big") + (28).to_bytes(4, "big") * 2)
+    (data / "mnist" / "train-images-idx3-ubyte.gz").write_bytes(empty)
+    error = fails(capsys, ["--data-dir", str(data), *SMALL])
+    assert "train-images-idx3-ubyte.gz holds no images" in error
+
+
+def test_text_on_one_very_long_line_trains(tmp_path, capsys):
+    """SentencePiece skips sentences over 4192 bytes: the trainer gets the line in pieces."""
+    corpus = tmp_path / "one-line.txt"
+    corpus.write_text(make_text().replace("\n", " "))
+    train.main(["--task", "lm", "--dataset", str(corpus), "--cache-dir", str(tmp_path / "cache"), "--vocab-size",
+                "300", "--dim", "32", "--layers", "1", "--context", "16", "--steps", "2"])  # fmt: skip
+    assert "epoch 1: step 2" in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------------------------------
 # A run's log is its own
 
 
@@ -272,7 +295,7 @@ CORPUS = [  # (arguments after --data-dir, a fragment of the one line they must 
     (["--lr", "0"], "--lr must be > 0"),
     (["--lr", "nan"], "--lr must be a finite number"),
     (["--eps", "inf"], "--eps must be a finite number"),
-    (["--epochs", "0"], "--epochs must be > 0"),
+    (["--epochs", "0"], "--epochs must be in [1, 100000]"),
     (["--steps", "-3"], "--steps must be > 0"),
     (["--batch-size", "0"], "--batch-size must be > 0"),
     (["--log-every", "0"], "--log-every must be > 0"),
@@ -297,6 +320,22 @@ CORPUS = [  # (arguments after --data-dir, a fragment of the one line they must 
     (["--resume", "--checkpoint-dir", "{tmp}/empty"], "no checkpoint in"),
     (["--reproduce", "{tmp}/missing.jsonl"], "is not a log written by train.py"),
     (["--batch-size", "3", "--streams", "4"], "is smaller than the 1 process(es) x 4 stream(s)"),
+    # Integer ranges MLX accepts, shapes MLX requires, text that is text, options that apply.
+    (["--seed", "-1"], "--seed must be >= 0"),
+    (["--seed", str(2**64)], "--seed must be in [0, 9223372036854775807]"),
+    (["--epochs", "1000000"], "--epochs must be in [1, 100000]"),
+    (["--steps", "1.5"], "--steps expected an integer, got '1.5'"),
+    (["--warmup", "100000"], "--warmup 100000 is not shorter than the run's"),
+    (["--task", "lm", "--hash-buckets", str(2**40)], "--hash-buckets must be in [0, 2147483647]"),
+    (["--task", "lm", "--dim", "96", "--heads", "32"], "gives each head 3 dims; RoPE rotates pairs"),
+    (["--dataset", ""], "--dataset must not be empty"),
+    (["--log-file", "run\udcff.jsonl"], "--log-file is not valid UTF-8 text"),
+    (["--context", "32"], "--context is an option of --task lm, not mnist"),
+    (["--optimizer", "sgd", "--eps", "1e-8"], "--eps is an option of --optimizer adagrad, mlx-adagrad"),
+    (
+        ["--sparse-embeddings", "--task", "lm", "--optimizer", "adamw"],
+        "--sparse-embeddings is an option of --optimizer adagrad",
+    ),
 ]
 
 

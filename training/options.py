@@ -28,12 +28,15 @@ class OneLineParser(argparse.ArgumentParser):
 
     def error(self, message):
         # "argument --lr: must be > 0, got 0" -> "--lr must be > 0, got 0"
-        message = re.sub(r"^argument (-[\w-]+)(/[\w-]+)?: (must|expected)", r"\1 \3", message)
+        message = re.sub(r"^argument (-[\w-]+)(/[\w-]+)?: (must|expected|is)", r"\1 \3", message)
         raise OptionError(re.sub(r"^argument (-[\w-]+)(/[\w-]+)?:", r"\1:", message) + " (see python train.py --help)")
 
 
 # ---------------------------------------------------------------------------------------
 # Types: each parses one value and checks its range, so a bad value is refused by argparse.
+
+
+LARGEST = 2**31 - 1  # step counts, sizes and widths: what MLX's int32 indices hold
 
 
 def number(kind, low=None, high=None, low_open=False, high_open=False):
@@ -50,10 +53,10 @@ def number(kind, low=None, high=None, low_open=False, high_open=False):
         too_low = low is not None and (value <= low if low_open else value < low)
         too_high = high is not None and (value >= high if high_open else value > high)
         if too_low or too_high:
-            if high is None:
-                bound = f"{'>' if low_open else '>='} {low}"
-            else:
+            if high is not None and (too_high or high < LARGEST):
                 bound = f"in {'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
+            else:
+                bound = f"{'>' if low_open else '>='} {low}"
             raise argparse.ArgumentTypeError(f"must be {bound}, got {text}")
         return value
 
@@ -61,12 +64,27 @@ def number(kind, low=None, high=None, low_open=False, high_open=False):
     return parse
 
 
-POSITIVE_INT = number(int, 0, low_open=True)
-COUNT = number(int, 0)
+POSITIVE_INT = number(int, 0, LARGEST, low_open=True)
+COUNT = number(int, 0, LARGEST)
 POSITIVE = number(float, 0, low_open=True)
 NON_NEGATIVE = number(float, 0)
 FRACTION = number(float, 0, 1, high_open=True)
 SEED = number(int, 0, 2**63 - 1)  # mx.random.seed takes an unsigned 64-bit value
+
+
+def text(value: str) -> str:
+    """A non-empty string that is valid text (a command line can hold bytes that are not)."""
+    if not value.strip():
+        raise argparse.ArgumentTypeError("must not be empty")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise argparse.ArgumentTypeError(f"is not valid UTF-8 text: {value!r}") from None
+    return value
+
+
+def path(value: str) -> Path:
+    return Path(text(value))
 
 
 @dataclass(frozen=True)
@@ -162,13 +180,13 @@ WORD_LEVEL = ("word",)
 # fmt: off
 OPTIONS = [
     # What is trained: these identify a run (a checkpoint resumes only under the same values).
-    Option("--task", "recipe", "what to train", str, "mnist", choices=("mnist", "lm")),
+    Option("--task", "recipe", "what to train", text, "mnist", choices=("mnist", "lm")),
     Option("--dataset", "recipe", "mnist | fashion-mnist; tinyshakespeare | ptb | wikitext-2 | PATH of a .txt file or "
-           "a folder of them", str, PerRecipe(("task",), {"mnist": "mnist", "lm": "tinyshakespeare"})),
-    Option("--model", "recipe", "mlp or cnn for mnist, transformer for lm", str,
+           "a folder of them", text, PerRecipe(("task",), {"mnist": "mnist", "lm": "tinyshakespeare"})),
+    Option("--model", "recipe", "mlp or cnn for mnist, transformer for lm", text,
            PerRecipe(("task",), {"mnist": "mlp", "lm": "transformer"}), choices=("mlp", "cnn", "transformer")),
     Option("--optimizer", "recipe", "adagrad: adagrad.py; mlx-adagrad: mlx.optimizers.Adagrad; adagrad-da: "
-           "adagrad_da.py; sgd: momentum 0.9", str, "adagrad", choices=tuple(OPTIMIZERS)),
+           "adagrad_da.py; sgd: momentum 0.9", text, "adagrad", choices=tuple(OPTIMIZERS)),
     Option("--lr", "recipe", f"learning rate; a run stops when its loss is not finite or over {DIVERGED}x its "
            "first step's", POSITIVE, PerRecipe(("model", "optimizer"), LEARNING_RATES)),
     Option("--eps", "recipe", "epsilon of adagrad, adagrad-da, adam, adamw (default: the optimizer's, 1e-8)",
@@ -182,11 +200,11 @@ OPTIONS = [
            applies=(LM, ADAGRAD)),
     Option("--sparse-embeddings", "recipe", "adagrad, lm: update only the input embedding rows a batch looked up "
            "(adagrad_sparse.SparseEmbedding); implies --untied", flag=True, applies=(LM, ADAGRAD)),
-    Option("--schedule", "recipe", "learning rate over --epochs", str, "cosine", choices=("constant", "cosine")),
+    Option("--schedule", "recipe", "learning rate over --epochs", text, "cosine", choices=("constant", "cosine")),
     Option("--warmup", "recipe", "linear warmup steps", COUNT, 0),
     Option("--batch-size", "recipe", "samples (mnist) or windows (lm) a step", POSITIVE_INT,
            PerRecipe(("task",), {"mnist": 128, "lm": 16})),
-    Option("--epochs", "recipe", "passes over the training data (an lm epoch is ~1 pass)", POSITIVE_INT,
+    Option("--epochs", "recipe", "passes over the training data (an lm epoch is ~1 pass)", number(int, 1, 10**5),
            PerRecipe(("model", "dataset"), {"mlp": 24, "cnn": 20, "transformer": {"tinyshakespeare": 8, "ptb": 8}},
                      otherwise=1)),
     Option("--seed", "recipe", "seed of the initial weights, data order and dropout", SEED, 0),
@@ -199,42 +217,42 @@ OPTIONS = [
     Option("--dim", "lm", "model width", POSITIVE_INT, 128, applies=(LM,)),
     Option("--heads", "lm", "attention heads", POSITIVE_INT, 4, applies=(LM,)),
     Option("--context", "lm", "tokens per training window", POSITIVE_INT, 64, applies=(LM,)),
-    Option("--positions", "lm", "rope or learned position embeddings", str, "rope", choices=("rope", "learned"),
+    Option("--positions", "lm", "rope or learned position embeddings", text, "rope", choices=("rope", "learned"),
            applies=(LM,)),
     Option("--untied", "lm", "give the output layer its own word vectors", flag=True, applies=(LM,)),
     Option("--hash-buckets", "lm", "add a hashed-bigram input table of N rows (0: none)", number(int, 0, 2**31 - 1),
            0, applies=(LM,)),
-    Option("--tokenizer", "lm", "bpe, unigram or word", str, PerRecipe(("dataset",), {"ptb": "word"}, "bpe"),
+    Option("--tokenizer", "lm", "bpe, unigram or word", text, PerRecipe(("dataset",), {"ptb": "word"}, "bpe"),
            choices=("bpe", "unigram", "word"), applies=(LM,)),
     Option("--vocab-size", "lm", "tokens of a bpe or unigram vocabulary (word: every training word)",
            number(int, 2), PerRecipe(("tokenizer",), {"word": None}, 1024), applies=(LM,)),
-    Option("--softmax", "lm", "class: p(word) = p(class) p(word | class)", str,
+    Option("--softmax", "lm", "class: p(word) = p(class) p(word | class)", text,
            PerRecipe(("tokenizer",), {"word": "class"}, "full"), choices=("full", "class"), applies=(LM,)),
     # How to run: a checkpoint resumes under other values of these.
     Option("--steps", "run", "stop after this many steps in all (the schedule spans --epochs)", POSITIVE_INT),
     Option("--data-dir", "run", "where the data sets are (default: $MLX_ADAGRAD_DATA, else ~/.cache/mlx-adagrad)",
-           Path),
+           path),
     Option("--verify-data", "run", "check local data files against the originals' sha256 (off: train on your own "
-           "files of the same names)", str, "on", choices=("on", "off")),
-    Option("--cache-dir", "run", "where trained tokenizers are kept", Path,
+           "files of the same names)", text, "on", choices=("on", "off")),
+    Option("--cache-dir", "run", "where trained tokenizers are kept", path,
            Path.home() / ".cache" / "mlx-adagrad-tokenizers"),
-    Option("--log-file", "run", "JSONL: a header line, then step and evaluation lines", Path),
+    Option("--log-file", "run", "JSONL: a header line, then step and evaluation lines", path),
     Option("--log-every", "run", "log the mean training loss every N steps", POSITIVE_INT, 10),
-    Option("--checkpoint-dir", "run", "save checkpoints here, every --checkpoint-every steps and last", Path),
+    Option("--checkpoint-dir", "run", "save checkpoints here, every --checkpoint-every steps and last", path),
     Option("--checkpoint-every", "run", "steps between checkpoints", POSITIVE_INT, 1000),
     Option("--resume", "run", "continue from the checkpoint in --checkpoint-dir", flag=True),
     Option("--overwrite", "run", "start over in a --checkpoint-dir that holds a checkpoint, or on an existing "
            "--log-file (otherwise refused)", flag=True),
     Option("--reproduce", "run", "rerun the run LOG records for --reproduce-steps steps and compare every logged "
-           "value; exit 1 on a mismatch", Path, extra={"metavar": "LOG"}),
+           "value; exit 1 on a mismatch", path, extra={"metavar": "LOG"}),
     Option("--reproduce-steps", "run", "steps --reproduce reruns", POSITIVE_INT, 20),
     Option("--sample", "run", "print N tokens sampled from the model at the end", COUNT, 0, applies=(LM,)),
     Option("--temperature", "run", "of --sample", POSITIVE, 0.8, applies=(LM,)),
-    Option("--device", "device", "where the step runs (default: MLX's default device)", str, choices=("cpu", "gpu")),
+    Option("--device", "device", "where the step runs (default: MLX's default device)", text, choices=("cpu", "gpu")),
     Option("--no-compile", "device", "run the step eagerly (same bits, slower)", flag=True),
     Option("--stock-ops", "device", "MLX's own attention, cross-entropy, conv and pooling on the CPU too, as on a GPU "
            "(not the CPU formulations of models/ops.py)", flag=True),
-    Option("--cpu-tuning", "device", "training/cpu_tuning.py on a Linux CPU (off: MLX as it comes)", str,
+    Option("--cpu-tuning", "device", "training/cpu_tuning.py on a Linux CPU (off: MLX as it comes)", text,
            FromEnvironment("on, unless MLX_ADAGRAD_CPU_TUNING=off", lambda: "on" if cpu_tuning.default_on() else "off"),
            choices=("on", "off")),
     Option("--blas-threads", "device", "OpenBLAS threads (more vary the last bits from run to run)", POSITIVE_INT, 1),
@@ -301,6 +319,11 @@ def check(config):
         )
     if config.dim % config.heads:
         raise OptionError(f"--dim {config.dim} must be a multiple of --heads {config.heads}")
+    if config.task == "lm" and config.positions == "rope" and config.dim // config.heads % 2:
+        raise OptionError(
+            f"--dim {config.dim} / --heads {config.heads} gives each head {config.dim // config.heads} dims; RoPE "
+            "rotates pairs, so it needs an even number: change --dim or --heads, or use --positions learned"
+        )
     if config.resume and not config.checkpoint_dir:
         raise OptionError("--resume needs --checkpoint-dir, the folder of the run to continue")
     if config.resume and config.overwrite:

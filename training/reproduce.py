@@ -87,7 +87,7 @@ def check_config(path, config: dict):
             )
         if option.flag:
             accepted = isinstance(value, bool)
-        elif option.type is Path or option.type is str:
+        elif option.type in (options.text, options.path):
             accepted = isinstance(value, str)
         else:
             try:  # the option's own parser and range, on a number of its kind

@@ -12,7 +12,6 @@ from types import SimpleNamespace
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
-from mlx.utils import tree_flatten
 
 from data import DataError, mnist, text
 from models.cnn import CNN
@@ -22,6 +21,7 @@ from models.transformer import Transformer
 
 def setup_mnist(args, ops):
     data = mnist.load(args.dataset, args.data_dir, args.verify_data == "on")
+    check_memory(args)
     model = MLP(dropout=args.dropout) if args.model == "mlp" else CNN(dropout=args.dropout, ops=ops)
 
     def evaluate(model, final=False):
@@ -60,6 +60,7 @@ def setup_lm(args, ops):
             f"--context {args.context} is longer than the validation split ({len(tokens['valid']) - 1} "
             f"tokens): use a smaller --context"
         )
+    check_memory(args, sp.vocab_size())
     model = Transformer(
         sp.vocab_size(),
         args.context,
@@ -121,19 +122,33 @@ def digest(*parts) -> str:
     return h.hexdigest()[:16]
 
 
-def step_bytes(args, model) -> int:
+def parameter_count(args, vocab=None) -> int:
+    """The model's parameters, from the options alone (tested against the models built)."""
+    if args.model == "mlp":
+        sizes = [28 * 28, 512, 512, 10]
+        return sum(i * o + o for i, o in zip(sizes[:-1], sizes[1:]))
+    if args.model == "cnn":
+        return (9 * 1 * 32 + 32) + (9 * 32 * 64 + 64) + (7 * 7 * 64 * 128 + 128) + (128 * 10 + 10)
+    dim, tables = args.dim, 1 + (args.untied or args.sparse_embeddings)
+    count = tables * vocab * dim + args.hash_buckets * dim + 2 * dim  # embeddings, the last layer norm
+    count += args.layers * (12 * dim * dim + 9 * dim)  # qkv, out, mlp (4x), two layer norms
+    count += args.context * dim if args.positions == "learned" else 0
+    if args.softmax == "class":
+        count += -(-vocab // math.ceil(math.sqrt(vocab))) * dim
+    return count
+
+
+def step_bytes(args, vocab=None) -> int:
     """A rough estimate (within about 2x) of the memory one training step needs: the parameters,
     their gradients, optimizer state and update, and each sample's activations and their gradients."""
-    parameters = sum(v.size for _, v in tree_flatten(model.parameters()))
     if args.task == "lm":
-        vocab = model.embedding.weight.shape[0]
         output = 6 * math.isqrt(vocab) if args.softmax == "class" else 3 * vocab
         per_sample = args.context * (args.layers * (16 * args.dim + 3 * args.heads * args.context) + output)
     elif args.model == "cnn":
         per_sample = 400_000  # two blocks of 32 and 64 channels: unfolded inputs, outputs, Winograd tiles
     else:
-        per_sample = 8 * (784 + sum(layer.weight.shape[1] for layer in model.layers))
-    return 4 * (4 * parameters + 2 * args.batch_size * per_sample)
+        per_sample = 8 * (784 + 512 + 512)
+    return 4 * (4 * parameter_count(args, vocab) + 2 * args.batch_size * per_sample)
 
 
 def available_memory():
@@ -152,9 +167,9 @@ def available_memory():
         return None
 
 
-def check_memory(args, model):
-    """DataError when a training step would need more memory than there is."""
-    need, have = step_bytes(args, model), available_memory()
+def check_memory(args, vocab=None):
+    """DataError when a training step would need more memory than there is (before the model is built)."""
+    need, have = step_bytes(args, vocab), available_memory()
     if have is not None and need > have:
         raise DataError(
             f"--batch-size {args.batch_size} needs about {need / 2**30:.1f} GiB a step (an estimate), more than the "
