@@ -62,9 +62,8 @@ class SparseAdagrad(Adagrad):
         """
         self.init_rows(model, path)
         table, state = _get(model, path), _get(self.state, path)
-        ids, inside = _checked(ids.reshape(-1), table.shape[0])
-        row_gradients = row_gradients.reshape(ids.size, *table.shape[1:])
-        row_gradients = mx.where(inside.reshape(-1, *(1,) * (table.ndim - 1)), row_gradients, 0)
+        ids = ids.reshape(-1)
+        ids, row_gradients, inside = _checked(ids, row_gradients.reshape(ids.size, *table.shape[1:]), table.shape[0])
         if cpu_pairs is None:
             cpu_pairs = mx.default_device() == mx.cpu
         slot, slot_ids = _runs(ids)
@@ -89,10 +88,11 @@ class SparseAdagrad(Adagrad):
         _branch(model, path)[path.rsplit(".", 1)[-1]] = table
 
 
-def _checked(ids: mx.array, rows: int):
-    """(ids, inside): ids in [0, rows), a negative id counted from the end, and which were in the
-    table. IndexError for an id outside it where ids can be read (eagerly); under mx.compile the
-    ids outside are replaced by the batch's first valid id (0 if none), their gradients masked."""
+def _checked(ids: mx.array, row_gradients: mx.array, rows: int):
+    """(ids, row_gradients, inside): ids in [0, rows), a negative id counted from the end, and which
+    were in the table. IndexError for an id outside it where ids can be read (eagerly); under
+    mx.compile the ids outside are replaced by the batch's first valid id (0 if none) and their
+    gradients by zeros, which change nothing."""
     inside = (ids >= -rows) & (ids < rows)
     try:
         all_inside = inside.all().item()
@@ -102,7 +102,8 @@ def _checked(ids: mx.array, rows: int):
         bad = ids[mx.argmin(inside)].item()  # the first id outside
         raise IndexError(f"update_rows: id {bad} is outside the table's {rows} rows (ids must be in [-{rows}, {rows}))")
     ids = mx.where(ids < 0, ids + rows, ids)  # -1 is the last row, as in a lookup
-    return mx.where(inside, ids, ids[mx.argmax(inside)] * inside.any()), inside
+    ids = mx.where(inside, ids, ids[mx.argmax(inside)] * inside.any())
+    return ids, mx.where(inside.reshape(-1, *(1,) * (row_gradients.ndim - 1)), row_gradients, 0), inside
 
 
 def _runs(ids: mx.array):

@@ -488,3 +488,31 @@ def test_rowwise_embeddings_keep_one_accumulator_per_token(tmp_path, corpus):
     vocab, dim = saved["model.embedding.weight"].shape
     assert saved["optimizer.embedding.weight.v_row"].shape == (vocab, 1) and dim == 32
     assert "optimizer.embedding.weight.v" not in saved and any(k.endswith(".v") for k in saved)  # the rest stays dense
+
+
+@pytest.mark.parametrize(
+    "argv, vocab",
+    [
+        (["--task", "mnist"], None),
+        (["--task", "mnist", "--model", "cnn"], None),
+        (["--task", "lm"], 1024),
+        (["--task", "lm", "--dataset", "ptb"], 10261),
+        (["--task", "lm", "--untied", "--positions", "learned", "--hash-buckets", "77"], 300),
+        (["--task", "lm", "--sparse-embeddings", "--layers", "1"], 300),
+    ],
+)
+def test_the_memory_estimate_counts_the_parameters_of_the_model_it_precedes(argv, vocab):
+    """check_memory runs before the model is built, from the options alone: its count must be the model's."""
+    from mlx.utils import tree_flatten
+
+    from models.cnn import CNN
+    from models.mlp import MLP
+    from models.transformer import Transformer
+
+    c = options.parse(argv)
+    if c.task == "mnist":
+        model = MLP() if c.model == "mlp" else CNN()
+    else:
+        model = Transformer(vocab, c.context, c.layers, c.dim, c.heads, 0.0, c.positions, c.softmax, tied=not c.untied,
+                            sparse_embedding=c.sparse_embeddings, hash_buckets=c.hash_buckets)  # fmt: skip
+    assert tasks.parameter_count(c, vocab) == sum(v.size for _, v in tree_flatten(model.parameters()))
