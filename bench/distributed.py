@@ -1,5 +1,5 @@
-"""Training throughput on a CPU, setup by setup: train.py on 1 process as MLX comes (no cpu_tuning.py),
-with cpu_tuning.py on 1 or 2 BLAS threads or 2 streams, and on 2 processes under mlx.launch, in one run.
+"""Training throughput on a CPU, setup by setup: train.py on 1 process as MLX comes (--cpu-tuning off),
+with training/cpu_tuning.py on 1 or 2 BLAS threads or 2 streams, and on 2 processes under mlx.launch, in one run.
 
     MLX_ADAGRAD_DATA=../shared/data python bench/distributed.py [--tasks mnist cnn lm ptb] [--rounds 2]
 
@@ -8,7 +8,7 @@ median of its logged samples/s (tokens/s for the LM), skipping the first record,
 the compilation. The setups take turns for --rounds rounds so load on the machine hits all
 alike; the table shows the best round of each. On one machine the 2 processes share its
 cores, so this measures what data parallelism costs and gains there, not across machines.
-One more setup runs --streams 2 with MLX's own graph order (MLX_BFS_MAX_WIDTH=20; cpu_tuning.py sets 1000).
+One more setup runs --streams 2 with MLX's own graph order (MLX_BFS_MAX_WIDTH=20; training/cpu_tuning.py sets 1000).
 """
 
 import argparse

@@ -274,7 +274,7 @@ def build_parser(description=None):
         shown = option.default if option.default is not None else "none"
         help_text = option.help if "default" in option.help else f"{option.help} (default: {shown})"
         if option.flag:
-            group.add_argument(option.flags, action="store_true", default=None, help=option.help)
+            group.add_argument(option.flags, action="store_true", default=None, help=f"{option.help} (default: off)")
         else:
             group.add_argument(option.flags, type=option.type, choices=option.choices, help=help_text, **option.extra)
     return parser
