@@ -2,6 +2,7 @@
 with training/cpu_tuning.py on 1 or 2 BLAS threads or 2 streams, and on 2 processes under mlx.launch, in one run.
 
     MLX_ADAGRAD_DATA=../shared/data python bench/distributed.py [--tasks mnist cnn lm ptb] [--rounds 2]
+                                                                [--setups 0 1 ...]
 
 Each cell runs the real recipe (`train.py --steps N`, default global batch) and reports the
 median of its logged samples/s (tokens/s for the LM), skipping the first record, which holds
@@ -72,21 +73,23 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tasks", nargs="+", choices=list(TASKS), default=list(TASKS))
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--setups", type=int, nargs="+", help="the rows to run, by number from 0 (default: all)")
     args = parser.parse_args()
+    setups = {name: setup for i, (name, setup) in enumerate(SETUPS.items()) if args.setups is None or i in args.setups}
 
     best = {}
     with tempfile.TemporaryDirectory() as tmp:
         for round_ in range(args.rounds):
             for task in args.tasks:
-                for name, (processes, threads, streams, environment) in SETUPS.items():
+                for name, (processes, threads, streams, environment) in setups.items():
                     rate = throughput(task, processes, threads, streams, environment, tmp)
                     best[task, name] = max(best.get((task, name), 0.0), rate)
                     print(f"round {round_ + 1}: {task}, {name}: {rate:,.0f} {unit(task)}", file=sys.stderr)
 
-    base = next(iter(SETUPS))
+    base = next(iter(setups))
     print("| setup | " + " | ".join(f"{task} {unit(task)} | vs 1 process" for task in args.tasks) + " |")
     print("|---|" + "---|---|" * len(args.tasks))
-    for name in SETUPS:
+    for name in setups:
         cells = [f"{best[task, name]:,.0f} | {best[task, name] / best[task, base]:.2f}x" for task in args.tasks]
         print(f"| {name} | " + " | ".join(cells) + " |")
 
