@@ -158,7 +158,7 @@ def run(config, command, tuning, group, log, interrupts):
     if rank > 0:  # same initial weights on every process, but its own dropout and augmentation draws
         mx.random.seed(config.seed + rank)
     state = start_or_resume(config, model, optimizer, header, log, rank)
-    total_steps = min(config.steps or math.inf, config.epochs * task.batches.per_epoch)
+    total_steps = min(config.steps or math.inf, schedule_steps)
     if state.step >= total_steps and state.pending_eval is None:
         say(f"already finished at step {state.step}; nothing to do")
         return model, optimizer

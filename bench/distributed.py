@@ -59,6 +59,7 @@ def throughput(task, processes, threads, streams, environment, tmp):
         str(streams),
         "--log-file",
         str(log),
+        "--overwrite",  # each round rewrites its setup's log
     ]
     if processes > 1:
         command = [str(LAUNCH), "-n", str(processes), "--backend", "ring", "--", *command]
