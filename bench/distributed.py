@@ -1,7 +1,7 @@
 """Training throughput on a CPU, setup by setup: train.py on 1 process as MLX comes (--cpu-tuning off),
 with training/cpu_tuning.py on 1 or 2 BLAS threads or 2 streams, and on 2 processes under mlx.launch, in one run.
 
-    MLX_ADAGRAD_DATA=../shared/data python bench/distributed.py [--tasks mnist cnn lm ptb] [--rounds 2]
+    python bench/distributed.py [--tasks mnist cnn lm ptb] [--rounds 2]
                                                                 [--setups 0 1 ...]
 
 Each cell runs the real recipe (`train.py --steps N`, default global batch) and reports the
