@@ -102,6 +102,8 @@ def train(config, command, tuning, interrupts):
         log = outputs.enter_context(
             JsonlLog(config.log_file if rank == 0 else None, fresh=not config.resume, overwrite=config.overwrite)
         )
+        if config.checkpoint_dir and rank == 0 and config.overwrite:  # both outputs claimed: only now
+            checkpoint.retire(config.checkpoint_dir)
         return run(config, command, tuning, group, log, interrupts)
 
 

@@ -188,6 +188,17 @@ def test_two_runs_never_write_one_log(tmp_path, mnist_dir, capsys):
     assert f"--log-file {log} is in use by another train.py" in error and log.read_bytes() == b""
 
 
+def test_a_redo_refused_for_its_log_keeps_the_old_checkpoint(tmp_path, mnist_dir, capsys):
+    ckpt, log = tmp_path / "ckpt", tmp_path / "run.jsonl"
+    base = ["--data-dir", str(mnist_dir), *SMALL, "--checkpoint-dir", str(ckpt), "--log-file", str(log)]
+    train.main([*base, "--steps", "2"])
+    before = snapshot(ckpt)
+    with open(log, "ab") as held:  # another train.py holds the log
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        assert "is in use by another train.py" in fails(capsys, [*base, "--overwrite"])
+    assert snapshot(ckpt) == before  # --overwrite retires the checkpoint only once both outputs are its own
+
+
 def test_resume_continues_only_its_own_runs_log(tmp_path, mnist_dir, capsys):
     base = ["--data-dir", str(mnist_dir), *SMALL, "--steps", "3"]
     ours, other = tmp_path / "ours.jsonl", tmp_path / "other.jsonl"

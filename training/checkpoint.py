@@ -97,9 +97,6 @@ def claim(directory, resume: bool, overwrite: bool):
                 f"--checkpoint-dir {directory} holds a checkpoint: continue it with --resume, start over with "
                 "--overwrite, or use a new --checkpoint-dir"
             )
-        if overwrite and not resume:  # retired before training: no later --resume can continue the old run
-            for name in FILES:
-                (directory / name).unlink(missing_ok=True)
         saved = resume and _saved_run_state(directory / FILES[0])
         if saved and (not (directory / FILES[1]).exists() or (directory / FILES[1]).read_text() != saved + "\n"):
             _atomic_write(directory / FILES[1], lambda tmp: tmp.write_text(saved + "\n"))  # killed between the two
@@ -113,6 +110,16 @@ def claim(directory, resume: bool, overwrite: bool):
             raise CheckpointError(f"cannot use --checkpoint-dir {directory} ({e.strerror})") from None
         raise
     return lock
+
+
+def retire(directory):
+    """Remove the checkpoint in `directory` (its folder claimed): a run started over with --overwrite
+    does this before it trains, so no later --resume can continue the old run into the new log."""
+    try:
+        for name in FILES:
+            (Path(directory) / name).unlink(missing_ok=True)
+    except OSError as e:
+        raise CheckpointError(f"cannot remove the old checkpoint in {directory} ({e.strerror})") from None
 
 
 def _saved_run_state(path: Path):
