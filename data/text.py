@@ -161,10 +161,13 @@ def tokenizer(train_text: str, vocab_size, model_type: str, cache_dir: Path):
             return spm.SentencePieceProcessor(model_file=str(path))
         except (RuntimeError, OSError):  # a damaged cache entry: trained again below, and replaced
             pass
-    model = io.BytesIO()
+    model, escaped = io.BytesIO(), []
     try:
-        spm.SentencePieceTrainer.train(sentence_iterator=sentences(train_text), model_writer=model, **settings)
+        lines = sentences(train_text, escaped)
+        spm.SentencePieceTrainer.train(sentence_iterator=lines, model_writer=model, **settings)
     except RuntimeError as e:
+        if escaped:  # SentencePiece turns what the iterator raised (a stop signal) into a RuntimeError
+            raise escaped[0] from None
         most, least = re.search(r"<= (\d+)", str(e)), re.search(r"required_chars\. \d+ vs (\d+)", str(e))
         limit = (
             f"at most {most.group(1)}" if most else f"at least {least.group(1)}" if least else str(e).splitlines()[-1]
@@ -182,11 +185,16 @@ def tokenizer(train_text: str, vocab_size, model_type: str, cache_dir: Path):
     return spm.SentencePieceProcessor(model_proto=model.getvalue())
 
 
-def sentences(text: str, longest: int = 1000):
+def sentences(text: str, escaped: list, longest: int = 1000):
     """The lines of `text` for SentencePiece's trainer, a line longer than `longest` characters cut into
-    pieces (it skips sentences over 4192 bytes, so text on one long line would leave it nothing)."""
-    for line in text.split("\n"):
-        yield from (line[i : i + longest] for i in range(0, len(line), longest)) if len(line) > longest else [line]
+    pieces (it skips sentences over 4192 bytes, so text on one long line would leave it nothing).
+    An exception raised while a line is read (a signal handler's) is kept in `escaped`."""
+    try:
+        for line in text.split("\n"):
+            yield from (line[i : i + longest] for i in range(0, len(line), longest)) if len(line) > longest else [line]
+    except BaseException as e:
+        escaped.append(e)
+        raise
 
 
 def encode(sp, text: str) -> np.ndarray:

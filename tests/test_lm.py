@@ -107,6 +107,22 @@ def test_vocab_size_the_text_cannot_support(tmp_path):
         text.tokenizer(make_text(lines=50), 100, "bpe", tmp_path)
 
 
+def test_a_signal_while_the_tokenizer_trains_is_not_a_vocab_size_error(tmp_path):
+    """SentencePiece reports whatever its line iterator raised as a RuntimeError; a stop signal's exception,
+    raised in the iterator by the signal handler, must come out as itself."""
+
+    class Stop(Exception):
+        pass
+
+    class SignalledText(str):  # the signal comes while the trainer reads its sixth line
+        def split(self, separator=None):
+            yield from super().split(separator)[:5]
+            raise Stop
+
+    with pytest.raises(Stop):
+        text.tokenizer(SignalledText(make_text()), 300, "bpe", tmp_path)
+
+
 def ptb_like(seed=0, lines=300):
     """make_text in PTB's layout: a space before every word and before the newline, <unk> for rare words."""
     return "".join(f" {line.replace(' ,', ' <unk>')} \n" for line in make_text(seed, lines).splitlines())
