@@ -55,7 +55,7 @@ def main(argv=None):
     try:
         with Interrupts() as interrupts:
             config = options.parse(argv, __doc__)
-            config.device = choose_device(config.device)
+            use_device(config.device)
             tuning = cpu_tuning.enable(config.cpu_tuning == "on", config.device, restart=argv is None)
             if config.reproduce:
                 sys.exit(reproduce.rerun(config, partial(train, tuning=tuning, interrupts=interrupts)))
@@ -69,16 +69,14 @@ def main(argv=None):
         sys.exit(e.code)
 
 
-def choose_device(requested):
-    """'cpu' or 'gpu': `requested`, else MLX's default device; made MLX's default for this process."""
-    device = requested or ("gpu" if mx.default_device().type == mx.DeviceType.gpu else "cpu")
+def use_device(device):
+    """Make `device` ('cpu' or 'gpu') MLX's default for this process."""
     if device == "gpu" and not mx.is_available(mx.gpu):
         raise OptionError(
             "--device gpu: this MLX has no GPU (mlx[cpu] is CPU-only; on Linux with an NVIDIA GPU install "
             "mlx[cuda12] or mlx[cuda13], on a Mac plain mlx), or use --device cpu"
         )
     mx.set_default_device(mx.gpu if device == "gpu" else mx.cpu)
-    return device
 
 
 def train(config, command, tuning, interrupts):

@@ -36,6 +36,30 @@ def summarize(path):
     )
 
 
+# The LM recipes' targets: the README's quick-start command with our Adagrad, within 10 minutes.
+TARGETS = [
+    ("lm_tinyshakespeare_adagrad", "val_nats_per_char", 1.50, "validation nats/char"),
+    ("lm_ptb_adagrad", "test_word_ppl", 114.5, "test word perplexity"),
+]
+BUDGET_S = 600
+
+
+def targets():
+    """One line per target: the run's final value and wall clock against the target, met or missed."""
+    for run, key, target, name in TARGETS:
+        path = HERE / f"{run}.jsonl"
+        if not path.is_file():
+            yield f"{run}: not recorded"
+            continue
+        final = [json.loads(line) for line in path.read_text().splitlines()][-1]
+        value, elapsed = final.get(key, float("inf")), final.get("elapsed_s", float("inf"))
+        met = value <= target and elapsed <= BUDGET_S
+        yield (
+            f"{run}: {name} {value:.4g} (target <= {target}) in {elapsed:.0f} s (budget {BUDGET_S} s): "
+            + ("met" if met else "MISSED")
+        )
+
+
 # Logs written before headers named the CPU: the kernel set OpenBLAS chose names its family.
 CPU_BY_KERNELS = {"SkylakeX": "Intel Xeon with AVX-512", "Cooperlake": "Intel Xeon (Cooper Lake)", "Zen": "AMD EPYC"}
 
@@ -58,3 +82,6 @@ if __name__ == "__main__":
         machines.setdefault(machine(header), []).append(path.stem)
     for machine, runs in machines.items():
         print(f"\nMachine: {machine}" + (f" ({', '.join(runs)})." if len(machines) > 1 else "."))
+    print("\nTargets:")
+    for line in targets():
+        print(f"- {line}")

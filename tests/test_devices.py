@@ -19,6 +19,7 @@ from models.ops import CPU, STOCK
 from models.transformer import Transformer
 from tests.test_lm import TINY_MODEL, make_text
 from tests.test_mnist import losses, run_train, write_small_mnist
+from training import options
 
 REPO = Path(__file__).parents[1]
 
@@ -152,9 +153,16 @@ def test_device_gpu_without_a_gpu_is_one_line(tmp_path):
 def test_streams_on_a_gpu_step_are_one_line(tmp_path, monkeypatch, capsys):
     # No GPU here: the device choice is stubbed, and the check comes before any work on the device.
     write_small_mnist(tmp_path)
-    monkeypatch.setattr(train, "choose_device", lambda requested: "gpu")
+    monkeypatch.setattr(train, "use_device", lambda device: None)
     with pytest.raises(SystemExit) as exit_:
-        train.main(["--data-dir", str(tmp_path), "--verify-data", "off", "--streams", "2"])
+        train.main(["--device", "gpu", "--data-dir", str(tmp_path), "--verify-data", "off", "--streams", "2"])
     lines = capsys.readouterr().err.strip().splitlines()
     assert exit_.value.code == 2 and len(lines) == 1
     assert lines[0] == "train.py: error: --streams 2 splits a batch over CPU threads: use --streams 1 on the gpu"
+
+
+def test_the_language_models_split_their_batch_over_two_cpu_streams_by_default():
+    assert options.complete({"task": "lm", "device": "cpu"}).streams == 2
+    assert options.complete({"task": "lm", "device": "gpu"}).streams == 1  # streams are CPU threads
+    assert options.complete({"task": "mnist", "device": "cpu"}).streams == 1
+    assert options.complete({"task": "lm"}).device == options.default_device()

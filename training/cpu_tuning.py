@@ -164,9 +164,17 @@ def _cpu_info() -> list:
 
 
 def cpu_model() -> str:
-    """The CPU's model name, for run headers: 'AMD EPYC', 'Intel(R) Xeon(R) ...'."""
-    names = [line.split(":", 1)[1].strip() for line in _cpu_info() if line.startswith("model name")]
-    return names[0] if names else platform.machine()
+    """The CPU's model name and x86 family/model numbers, for run headers (cloud CPUs often report only
+    'AMD EPYC' or 'Intel(R) Xeon(R) Processor'): 'Intel(R) Xeon(R) Processor (family 6, model 207)'."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return platform.processor() or platform.machine()
+    fields = {}
+    for key, _, value in (line.partition(":") for line in lines):
+        fields.setdefault(key.strip(), value.strip())
+    name = fields.get("model name") or platform.machine()
+    return f"{name} (family {fields['cpu family']}, model {fields['model']})" if "cpu family" in fields else name
 
 
 def _build_id(compiler: str) -> str:

@@ -9,6 +9,8 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import mlx.core as mx
+
 from data import default_data_dir, mnist
 from training import cpu_tuning
 
@@ -130,6 +132,10 @@ class FromEnvironment:
         return self.text
 
 
+def default_device() -> str:
+    return "gpu" if mx.default_device().type == mx.DeviceType.gpu else "cpu"
+
+
 @dataclass(frozen=True)
 class Applies:
     """Where an option applies: for these values of the option `by`."""
@@ -173,7 +179,7 @@ class Option:
 LEARNING_RATES = {
     "mlp": {"adagrad": 0.01, "mlx-adagrad": 0.01, "adagrad-da": 0.01, "sgd": 0.05, "adam": 1e-3, "adamw": 1e-3},
     "cnn": {"adagrad": 0.03, "mlx-adagrad": 0.03, "adagrad-da": 0.01, "sgd": 0.05, "adam": 1e-3, "adamw": 1e-3},
-    "transformer": {"adagrad": 0.02, "mlx-adagrad": 0.02, "adagrad-da": 0.02, "sgd": 0.03, "adam": 5e-4, "adamw": 5e-4},
+    "transformer": {"adagrad": 0.06, "mlx-adagrad": 0.06, "adagrad-da": 0.02, "sgd": 0.3, "adam": 2e-3, "adamw": 2e-3},
 }
 WORD_LEVEL = ("word",)
 
@@ -201,11 +207,12 @@ OPTIONS = [
     Option("--sparse-embeddings", "recipe", "adagrad, lm: update only the input embedding rows a batch looked up "
            "(adagrad_sparse.SparseEmbedding); implies --untied", flag=True, applies=(LM, ADAGRAD)),
     Option("--schedule", "recipe", "learning rate over --epochs", text, "cosine", choices=("constant", "cosine")),
-    Option("--warmup", "recipe", "linear warmup steps", COUNT, 0),
+    Option("--warmup", "recipe", "linear warmup steps", COUNT,
+           PerRecipe(("dataset",), {"tinyshakespeare": 600, "ptb": 600, "wikitext-2": 600}, otherwise=0)),
     Option("--batch-size", "recipe", "samples (mnist) or windows (lm) a step", POSITIVE_INT,
            PerRecipe(("task",), {"mnist": 128, "lm": 16})),
     Option("--epochs", "recipe", "passes over the training data (an lm epoch is ~1 pass)", number(int, 1, 10**5),
-           PerRecipe(("model", "dataset"), {"mlp": 24, "cnn": 20, "transformer": {"tinyshakespeare": 8, "ptb": 8}},
+           PerRecipe(("model", "dataset"), {"mlp": 24, "cnn": 20, "transformer": {"tinyshakespeare": 12, "ptb": 10}},
                      otherwise=1)),
     Option("--seed", "recipe", "seed of the initial weights, data order and dropout", SEED, 0),
     Option("--dropout", "recipe", "dropout probability", FRACTION,
@@ -248,7 +255,8 @@ OPTIONS = [
     Option("--reproduce-steps", "run", "steps --reproduce reruns", POSITIVE_INT, 20),
     Option("--sample", "run", "print N tokens sampled from the model at the end", COUNT, 0, applies=(LM,)),
     Option("--temperature", "run", "of --sample", POSITIVE, 0.8, applies=(LM,)),
-    Option("--device", "device", "where the step runs (default: MLX's default device)", text, choices=("cpu", "gpu")),
+    Option("--device", "device", "where the step runs", text, FromEnvironment("MLX's default device", default_device),
+           choices=("cpu", "gpu")),
     Option("--no-compile", "device", "run the step eagerly (same bits, slower)", flag=True),
     Option("--stock-ops", "device", "MLX's own attention, cross-entropy, conv and pooling on the CPU too, as on a GPU "
            "(not the CPU formulations of models/ops.py)", flag=True),
@@ -257,7 +265,7 @@ OPTIONS = [
            choices=("on", "off")),
     Option("--blas-threads", "device", "OpenBLAS threads (more vary the last bits from run to run)", POSITIVE_INT, 1),
     Option("--streams", "device", "CPU only: split each batch over N threads (reproducible, other last bits than 1)",
-           POSITIVE_INT, 1),
+           POSITIVE_INT, PerRecipe(("device", "task"), {"cpu": {"lm": 2}}, otherwise=1)),
 ]
 # fmt: on
 BY_NAME = {option.dest: option for option in OPTIONS}
