@@ -196,7 +196,7 @@ def start_or_resume(config, model, optimizer, header, log, rank):
 
 
 def train_loop(run, state):
-    """Train until --steps or --epochs, evaluating after each epoch; a stop signal saves and ends it."""
+    """Train until --steps or --epochs, evaluating every --eval-every epochs; a stop signal saves and ends it."""
     config, batches = run.config, run.task.batches
     if state.pending_eval is not None:  # the run was stopped before it evaluated
         evaluate(run, state, state.pending_eval)
@@ -210,7 +210,7 @@ def train_loop(run, state):
                 if state.step % config.log_every == 0:
                     log_loss(run, state, seen / (time.perf_counter() - tic), bar)
                 ends = state.batch == batches.per_epoch or state.step == run.total_steps
-                pending_eval = state.epoch + 1 if ends else None
+                pending_eval = state.epoch + 1 if ends and evaluates(run, state) else None
                 if config.checkpoint_dir and state.step % config.checkpoint_every == 0:
                     save(run, state, pending_eval)
                 if run.interrupts.stopped():
@@ -218,13 +218,22 @@ def train_loop(run, state):
                 if ends:
                     break
         trained_epoch, rate = state.epoch + 1, f", {seen / (time.perf_counter() - tic):.0f} {run.task.unit}/s"
+        evaluating = evaluates(run, state)
         if state.batch == batches.per_epoch:
             state.epoch, state.batch, state.window = state.epoch + 1, 0, []
-        evaluate(run, state, trained_epoch, rate)
+        if evaluating:
+            evaluate(run, state, trained_epoch, rate)
+        elif run.group.rank() == 0:
+            print(f"epoch {trained_epoch}: step {state.step}, train loss {state.last_loss:.4f}{rate}")
         if run.interrupts.stopped():
             stop(run, state)
     if config.checkpoint_dir:
         save(run, state)
+
+
+def evaluates(run, state) -> bool:
+    """Whether the epoch being trained ends in an evaluation: every --eval-every epochs, and the last."""
+    return (state.epoch + 1) % run.config.eval_every == 0 or state.step == run.total_steps
 
 
 def progress_bar(run, state):

@@ -396,6 +396,20 @@ def test_lm_resume_equals_uninterrupted(tmp_path, corpus, streams):
     assert untimed(resumed[-1]) == untimed(whole[-1])
 
 
+def test_lm_evaluates_every_eval_every_epochs_and_after_the_last(tmp_path, corpus):
+    args = ["--dataset", str(corpus), "--epochs", "3", "--eval-every", "2"]
+    whole = run_lm(tmp_path, *args, name="whole")
+    evaluations = [r for r in whole[1:] if "val_loss" in r]
+    assert [r["epoch"] for r in evaluations] == [2, 3]
+    per_epoch = evaluations[0]["step"] // 2
+    ckpt = str(tmp_path / "ckpt")  # stopped just past the first, unevaluated, epoch
+    run_lm(tmp_path, *args, "--steps", str(per_epoch + 1), "--checkpoint-dir", ckpt, name="part")
+    resumed = run_lm(tmp_path, *args, "--checkpoint-dir", ckpt, "--resume", name="part")
+    assert losses(resumed) == losses(whole)
+    untimed = lambda record: {k: v for k, v in record.items() if k != "elapsed_s"}  # noqa: E731
+    assert untimed(resumed[-1]) == untimed(whole[-1])
+
+
 def test_checkpoint_with_another_output_layer_is_refused(tmp_path, corpus, capsys):
     ckpt = str(tmp_path / "ckpt")
     run_lm(tmp_path, "--dataset", str(corpus), "--steps", "2", "--checkpoint-dir", ckpt)

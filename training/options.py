@@ -245,6 +245,8 @@ OPTIONS = [
            Path.home() / ".cache" / "mlx-adagrad-tokenizers"),
     Option("--log-file", "run", "JSONL: a header line, then step and evaluation lines", path),
     Option("--log-every", "run", "log the mean training loss every N steps", POSITIVE_INT, 10),
+    Option("--eval-every", "run", "evaluate every N epochs, and after the last", POSITIVE_INT,
+           PerRecipe(("task",), {"lm": 2}, otherwise=1)),
     Option("--checkpoint-dir", "run", "save checkpoints here, every --checkpoint-every steps and last", path),
     Option("--checkpoint-every", "run", "steps between checkpoints", POSITIVE_INT, 1000),
     Option("--resume", "run", "continue from the checkpoint in --checkpoint-dir", flag=True),
