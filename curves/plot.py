@@ -7,8 +7,7 @@ then smoothed by a moving average over 2% of the run. Right panel: the evaluatio
 per evaluation (MNIST test accuracy; LM validation nats per character; PTB validation
 word perplexity). mlx-adagrad is dashed: in float32 it is bit-identical to adagrad, so it
 lies exactly on top of it; so is a run with --sparse-embeddings, bit-identical to its dense
-twin. A run with --streams 2 is dotted: the same recipe on both cores, its
-gradient summed in another order, so not bit-identical to the one-stream run.
+twin.
 """
 
 import json
@@ -65,12 +64,10 @@ def plot(png, title, pattern, metric, metric_label):
     for path in runs:
         header, steps, evals = read(path)
         config = header["config"]
-        streams = config.get("streams", 1)
-        label = f"{config['optimizer']} (lr {config['lr']:g})" + (f", --streams {streams}" if streams > 1 else "")
+        label = f"{config['optimizer']} (lr {config['lr']:g})"
         label += ", sparse embeddings" if config.get("sparse_embeddings") else ""
         same_bits = config["optimizer"] == "mlx-adagrad" or config.get("sparse_embeddings")
-        dashes = ":" if streams > 1 else "--" if same_bits else None
-        style = {"linestyle": dashes, "zorder": 3} if dashes else {}
+        style = {"linestyle": "--", "zorder": 3} if same_bits else {}
         loss, skip = smooth([r["loss"] for r in steps])
         left.plot([r["step"] for r in steps][skip:], loss, label=label, linewidth=1.2, **style)
         right.plot([r["step"] for r in evals], [scale * r[metric] for r in evals], marker="o", label=label, **style)

@@ -156,7 +156,7 @@ def test_ptb_defaults_to_words_and_a_class_softmax_and_other_text_to_bpe():
 def test_each_dataset_has_its_recipe_and_flags_override_it():
     for dataset in ["tinyshakespeare", "ptb", "some.txt"]:
         args = options.parse(["--task", "lm", "--dataset", dataset])
-        recipe = {"tinyshakespeare": (12, 4, 600), "ptb": (10, 2, 600), "some.txt": (1, 4, 0)}[dataset]
+        recipe = {"tinyshakespeare": (12, 4, 600), "ptb": (4, 2, 600), "some.txt": (1, 4, 0)}[dataset]
         assert (args.epochs, args.layers, args.warmup) == recipe
     args = options.parse(["--task", "lm", "--dataset", "ptb", "--layers", "2", "--epochs", "9"])
     assert (args.epochs, args.layers) == (9, 2)

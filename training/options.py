@@ -212,7 +212,7 @@ OPTIONS = [
     Option("--batch-size", "recipe", "samples (mnist) or windows (lm) a step", POSITIVE_INT,
            PerRecipe(("task",), {"mnist": 128, "lm": 16})),
     Option("--epochs", "recipe", "passes over the training data (an lm epoch is ~1 pass)", number(int, 1, 10**5),
-           PerRecipe(("model", "dataset"), {"mlp": 24, "cnn": 20, "transformer": {"tinyshakespeare": 12, "ptb": 10}},
+           PerRecipe(("model", "dataset"), {"mlp": 24, "cnn": 20, "transformer": {"tinyshakespeare": 12, "ptb": 4}},
                      otherwise=1)),
     Option("--seed", "recipe", "seed of the initial weights, data order and dropout", SEED, 0),
     Option("--dropout", "recipe", "dropout probability", FRACTION,
