@@ -236,8 +236,9 @@ def run_lm(tmp_path, *args, name):
 @pytest.mark.parametrize("ops", [[], ["--stock-ops"]], ids=["cpu-ops", "stock-ops"])
 def test_the_lm_trains_the_same_with_sparse_embedding_updates(tmp_path, softmax, buckets, ops):
     """The same untied model, its input tables updated densely or sparsely: the same bits, with the
-    CPU's complex64 scatter and with the float32 one a GPU runs (--stock-ops)."""
-    options = ["--softmax", softmax, "--hash-buckets", buckets, *ops]
+    CPU's complex64 scatter and with the float32 one a GPU runs (--stock-ops). On one stream: over two,
+    the halves' gradients are summed in another order by the dense and the sparse update."""
+    options = ["--softmax", softmax, "--hash-buckets", buckets, "--streams", "1", *ops]
     dense = run_lm(tmp_path, "--untied", *options, name="dense")
     sparse = run_lm(tmp_path, "--sparse-embeddings", *options, name="sparse")
     eager = run_lm(tmp_path, "--sparse-embeddings", *options, "--no-compile", name="eager")
