@@ -145,7 +145,10 @@ def run(config, command, tuning, group, log, interrupts):
     task = (tasks.setup_mnist if config.task == "mnist" else tasks.setup_lm)(config, ops)
     model, schedule_steps = task.model, config.epochs * task.batches.per_epoch
     if config.warmup >= schedule_steps:
-        raise OptionError(f"--warmup {config.warmup} is not shorter than the run's {schedule_steps} steps: lower it")
+        raise OptionError(
+            f"--warmup {config.warmup} is not shorter than the run's {schedule_steps} steps: give a smaller --warmup "
+            f"(say {schedule_steps // 10}) or more --epochs"
+        )
     optimizer = make_optimizer(config, learning_rate(config, schedule_steps), model)
     optimizer.init(model.trainable_parameters())
     for path in model.input_tables() if config.sparse_embeddings else []:
@@ -224,7 +227,7 @@ def train_loop(run, state):
         if evaluating:
             evaluate(run, state, trained_epoch, rate)
         elif run.group.rank() == 0:
-            print(f"epoch {trained_epoch}: step {state.step}, train loss {state.last_loss:.4f}{rate}")
+            print(epoch_line(state, trained_epoch, rate))
         if run.interrupts.stopped():
             stop(run, state)
     if config.checkpoint_dir:
@@ -284,8 +287,12 @@ def evaluate(run, state, trained_epoch, rate=""):
     metrics, summary = run.task.evaluate(run.model, final=state.step == run.total_steps)
     run.model.train()
     run.log.write({"step": state.step, "epoch": trained_epoch, **metrics, "elapsed_s": run.elapsed()})
+    print(epoch_line(state, trained_epoch, f", {summary}{rate}"))
+
+
+def epoch_line(state, trained_epoch, rest):
     loss = "" if state.last_loss is None else f", train loss {state.last_loss:.4f}"
-    print(f"epoch {trained_epoch}: step {state.step}{loss}, {summary}{rate}")
+    return f"epoch {trained_epoch}: step {state.step}{loss}{rest}"
 
 
 def save(run, state, pending_eval=None):

@@ -154,24 +154,23 @@ def _native_kernels(compiler) -> str:
     return f"g++ {FLAGS} (cache {folder})"
 
 
+def _proc_cpuinfo() -> str:
+    try:
+        return Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return f"model name: {platform.processor()}"
+
+
 def _cpu_info() -> list:
     """The lines of /proc/cpuinfo that name the CPU's model and features, once each."""
-    try:
-        info = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        info = f"model name: {platform.processor()}"
-    return sorted({line for line in info.splitlines() if line.startswith(("model name", "flags"))})
+    return sorted({line for line in _proc_cpuinfo().splitlines() if line.startswith(("model name", "flags"))})
 
 
 def cpu_model() -> str:
     """The CPU's model name and x86 family/model numbers, for run headers (cloud CPUs often report only
     'AMD EPYC' or 'Intel(R) Xeon(R) Processor'): 'Intel(R) Xeon(R) Processor (family 6, model 207)'."""
-    try:
-        lines = Path("/proc/cpuinfo").read_text().splitlines()
-    except OSError:
-        return platform.processor() or platform.machine()
     fields = {}
-    for key, _, value in (line.partition(":") for line in lines):
+    for key, _, value in (line.partition(":") for line in _proc_cpuinfo().splitlines()):
         fields.setdefault(key.strip(), value.strip())
     name = fields.get("model name") or platform.machine()
     return f"{name} (family {fields['cpu family']}, model {fields['model']})" if "cpu family" in fields else name
