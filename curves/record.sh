@@ -19,8 +19,8 @@ for dataset in tinyshakespeare ptb; do
 done
 # PTB with a hashed-bigram input table of 2^20 rows, one pass: the tables updated densely, then only where a batch
 # looked them up (--sparse-embeddings): the same bits, in a fraction of the time.
-# Their rate, warmup and streams as recorded.
-pinned=(--lr 0.02 --warmup 0 --streams 1)
+# Their rate, warmup, streams, batch and dropout as recorded.
+pinned=(--lr 0.02 --warmup 0 --streams 1 --batch-size 16 --dropout 0)
 run lm_ptb_bigrams_dense --task lm --dataset ptb --hash-buckets 1048576 --untied --epochs 1 "${pinned[@]}" > /dev/null
 run lm_ptb_bigrams_sparse --task lm --dataset ptb --hash-buckets 1048576 --sparse-embeddings --epochs 1 "${pinned[@]}" > /dev/null
 python curves/plot.py

@@ -154,10 +154,11 @@ def test_ptb_defaults_to_words_and_a_class_softmax_and_other_text_to_bpe():
 
 
 def test_each_dataset_has_its_recipe_and_flags_override_it():
-    for dataset in ["tinyshakespeare", "ptb", "some.txt"]:
+    # epochs, blocks, warmup, batch, dropout
+    recipes = {"tinyshakespeare": (12, 4, 600, 16, 0.0), "ptb": (10, 2, 300, 32, 0.1), "some.txt": (1, 4, 0, 16, 0.0)}
+    for dataset, recipe in recipes.items():
         args = options.parse(["--task", "lm", "--dataset", dataset])
-        recipe = {"tinyshakespeare": (12, 4, 600), "ptb": (4, 2, 600), "some.txt": (1, 4, 0)}[dataset]
-        assert (args.epochs, args.layers, args.warmup) == recipe
+        assert (args.epochs, args.layers, args.warmup, args.batch_size, args.dropout) == recipe
     args = options.parse(["--task", "lm", "--dataset", "ptb", "--layers", "2", "--epochs", "9"])
     assert (args.epochs, args.layers) == (9, 2)
 
