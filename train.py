@@ -19,6 +19,7 @@ import dataclasses
 import math
 import os
 import platform
+import signal
 import sys
 import time
 import uuid
@@ -58,8 +59,12 @@ def main(argv=None):
             use_device(config.device)
             tuning = cpu_tuning.enable(config.cpu_tuning == "on", config.device, restart=argv is None)
             if config.reproduce:
-                sys.exit(reproduce.rerun(config, partial(train, tuning=tuning, interrupts=interrupts)))
-            return train(config, command, tuning, interrupts)
+                code = reproduce.rerun(config, partial(train, tuning=tuning, interrupts=interrupts))
+                sys.stdout.flush()
+                sys.exit(code)
+            trained = train(config, command, tuning, interrupts)
+            sys.stdout.flush()  # a reader that left (python train.py | head) shows here, not at exit
+            return trained
     except USER_ERRORS as e:
         rank = mx.distributed.init().rank() if mx.distributed.is_available() else 0
         print(f"train.py: error{f' (rank {rank})' if rank else ''}: {e}", file=sys.stderr)
@@ -67,6 +72,10 @@ def main(argv=None):
     except Stopped as e:
         print(f"train.py: {e}", file=sys.stderr)
         sys.exit(e.code)
+    except BrokenPipeError:  # what a shell's SIGPIPE does, in one line; the checkpoints saved so far are kept
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # Python's flush at exit must not fail too
+        print("train.py: stopped: its standard output was closed", file=sys.stderr)
+        sys.exit(128 + signal.SIGPIPE)
 
 
 def use_device(device):

@@ -10,10 +10,15 @@ done
 run fashion_mlp_adagrad --dataset fashion-mnist
 run mnist_cnn_adagrad --model cnn
 # The language models one at a time: on a CPU each splits its batches over both cores (--streams 2, the default).
-# Each optimizer at its tuned rate: the option table's, but AdamW's on Tiny Shakespeare (docs/defaults.md).
+# Each optimizer at its tuned rate: the option table's, but AdamW's on Tiny Shakespeare and SGD's on PTB
+# (docs/defaults.md).
 for dataset in tinyshakespeare ptb; do
   for optimizer in adagrad mlx-adagrad adamw sgd; do
-    rate=(); [[ $dataset/$optimizer == tinyshakespeare/adamw ]] && rate=(--lr 1e-3)
+    case $dataset/$optimizer in
+      tinyshakespeare/adamw) rate=(--lr 1e-3) ;;
+      ptb/sgd) rate=(--lr 0.6) ;;
+      *) rate=() ;;
+    esac
     run "lm_${dataset}_$optimizer" --task lm --dataset "$dataset" --optimizer "$optimizer" "${rate[@]}" --sample 200 > /dev/null
   done
 done

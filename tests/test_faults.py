@@ -526,6 +526,25 @@ def test_a_stop_signal_at_any_moment_is_one_line(tmp_path, stop, delay):
     assert len(lines) == 1 and lines[0].startswith(f"train.py: stopped by {stop.name}"), err
 
 
+@pytest.mark.parametrize("buffered", [False, True], ids=["unbuffered", "buffered"])
+def test_a_closed_standard_output_is_one_line(tmp_path, mnist_dir, buffered):
+    """python train.py | head: the reader leaves while the run prints (unbuffered) or before its
+    last flush (buffered); either way one line, 128 + SIGPIPE, and the checkpoint saved so far kept."""
+    ckpt = tmp_path / "ckpt"
+    args = ["--data-dir", str(mnist_dir), *SMALL, "--epochs", "3", "--checkpoint-every", "1"]
+    unbuffered = {"PYTHONUNBUFFERED": "" if buffered else "1"}
+    process = run_cli([*args, "--checkpoint-dir", str(ckpt)], env=os.environ | unbuffered)
+    while not buffered and not process.stdout.readline().startswith("epoch 1"):  # the reader leaves after a line
+        assert process.poll() is None, process.communicate()
+    process.stdout.close()
+    err = process.stderr.read()
+    process.wait(timeout=120)
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert process.returncode == 128 + signal.SIGPIPE, err
+    assert lines == ["train.py: stopped: its standard output was closed"], err
+    assert checkpoint.read(ckpt / "checkpoint.safetensors")[1]["step"] > 0
+
+
 def test_the_wall_clock_continues_across_a_resume(tmp_path, mnist_dir, monkeypatch):
     ckpt, log = tmp_path / "ckpt", tmp_path / "run.jsonl"
     base = ["--data-dir", str(mnist_dir), *SMALL, "--checkpoint-dir", str(ckpt), "--log-file", str(log)]
