@@ -117,22 +117,23 @@ class Adagrad(Optimizer):
         rowwise: Callable[[str, mx.array], bool] | None = None,
     ):
         super().__init__()
+        if not isinstance(state_dtype, mx.Dtype) or not mx.issubdtype(state_dtype, mx.floating):
+            raise ValueError(f"Adagrad state_dtype must be a floating dtype, got {state_dtype}")
         hyper = dict(initial_accumulator_value=initial_accumulator_value, lr_decay=lr_decay)
         hyper.update(weight_decay=weight_decay, l1=l1, l2=l2, eps=eps)
+        hyper = {name: _number(name, value, state_dtype) for name, value in hyper.items()}
         if not callable(learning_rate):
-            hyper["learning_rate"] = learning_rate
-        for name, value in hyper.items():
-            if isinstance(value, bool) or not isinstance(value, Real):
-                raise TypeError(f"Adagrad {name} must be a number, got {type(value).__name__} {value!r}")
-        if not eps > 0:  # MLX's wording first, so that tests written against mlx.optimizers.Adagrad pass
+            _number("learning_rate", learning_rate, state_dtype)  # any sign, as MLX takes it
+        if not hyper["eps"] > 0:  # MLX's wording first, so that tests written against mlx.optimizers.Adagrad pass
             raise ValueError(f"Adagrad epsilon should be >0, {eps} was provided instead (try 1e-8)")
-        if not mx.issubdtype(state_dtype, mx.floating):
-            raise ValueError(f"Adagrad state_dtype must be a floating dtype, got {state_dtype}")
-        if not mx.array(eps, state_dtype).item() > 0:
-            raise ValueError(f"Adagrad eps {eps} is 0 in the state's dtype {state_dtype}: use a larger eps")
+        for dtype in {mx.float32, state_dtype}:  # float32 parameters update in float32, others in state_dtype
+            if not mx.array(hyper["eps"], dtype).item() > 0:
+                raise ValueError(f"Adagrad eps {eps} is 0 in the state's dtype {dtype}: use a larger eps")
         for name, value in hyper.items():
-            if name != "eps" and not 0 <= value < math.inf:
+            if name != "eps" and not value >= 0:
                 raise ValueError(f"Adagrad {name} must be finite and >= 0, got {value}")
+        eps, initial_accumulator_value, lr_decay = hyper["eps"], hyper["initial_accumulator_value"], hyper["lr_decay"]
+        weight_decay, l1, l2 = hyper["weight_decay"], hyper["l1"], hyper["l2"]
 
         self._maybe_schedule("learning_rate", learning_rate)
         self.eps = eps
@@ -159,6 +160,9 @@ class Adagrad(Optimizer):
 
     def init(self, parameters: dict):
         """Create the state: ``v`` like each parameter, or ``v_row`` of shape (rows, 1) where ``rowwise`` says."""
+        for path, parameter in tree_flatten(parameters):
+            if not mx.issubdtype(parameter.dtype, mx.floating):
+                raise TypeError(f"Adagrad cannot train {path}: it is {parameter.dtype}, not floating; freeze it")
         super().init(parameters)
         for path, parameter in tree_flatten(parameters) if self.rowwise else []:
             state = _get(self.state, path)
@@ -201,6 +205,20 @@ class Adagrad(Optimizer):
         if v.dtype != self._state_dtype(parameter):  # a state saved by another optimizer: float16 / bfloat16 v
             v = v.astype(self._state_dtype(parameter))
         return key, v
+
+
+def _number(name: str, value, dtype) -> float:
+    """`value` (a real number, or an mx.array of one) as a float, checked finite in float32 and in
+    `dtype`, the dtypes the update computes in: TypeError or ValueError naming `name`."""
+    if isinstance(value, mx.array) and value.size == 1 and mx.issubdtype(value.dtype, mx.number):
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, Real):
+        raise TypeError(f"Adagrad {name} must be a number, got {type(value).__name__} {value!r}")
+    value = float(value)
+    for kind in {mx.float32, dtype}:
+        if not math.isfinite(mx.array(value, kind).item()):
+            raise ValueError(f"Adagrad {name} must be finite in {kind}, got {value}")
+    return value
 
 
 def _get(tree, path: str):

@@ -22,10 +22,13 @@ For float16 / bfloat16 parameters, G, v and the update are kept in ``state_dtype
     optimizer = AdagradDA(learning_rate=0.1, l1=1e-3)
 """
 
+import math
 from collections.abc import Callable
+from numbers import Real
 
 import mlx.core as mx
 from mlx.optimizers import Optimizer
+from mlx.utils import tree_flatten
 
 _LOW_PRECISION = (mx.float16, mx.bfloat16)
 
@@ -56,18 +59,28 @@ class AdagradDA(Optimizer):
         state_dtype: mx.Dtype = mx.float32,
     ):
         super().__init__()
-        if not callable(learning_rate) and learning_rate < 0:
+        if not isinstance(state_dtype, mx.Dtype) or not mx.issubdtype(state_dtype, mx.floating):
+            raise ValueError(f"AdagradDA state_dtype must be a floating dtype, got {state_dtype}")
+        l1, l2, eps = (_number(name, value, state_dtype) for name, value in [("l1", l1), ("l2", l2), ("eps", eps)])
+        if not callable(learning_rate) and not _number("learning_rate", learning_rate, state_dtype) >= 0:
             raise ValueError(f"AdagradDA learning_rate must be >= 0, got {learning_rate}")
         if not eps > 0:
             raise ValueError(f"AdagradDA eps must be > 0, got {eps} (try 1e-8)")
+        for dtype in {mx.float32, state_dtype}:  # float32 parameters update in float32, others in state_dtype
+            if not mx.array(eps, dtype).item() > 0:
+                raise ValueError(f"AdagradDA eps {eps} is 0 in the state's dtype {dtype}: use a larger eps")
         for name, value in [("l1", l1), ("l2", l2)]:
             if not value >= 0:
                 raise ValueError(f"AdagradDA {name} must be >= 0, got {value}")
-        if not mx.issubdtype(state_dtype, mx.floating):
-            raise ValueError(f"AdagradDA state_dtype must be a floating dtype, got {state_dtype}")
         self._maybe_schedule("learning_rate", learning_rate)
         self.l1, self.l2, self.eps, self.state_dtype = l1, l2, eps, state_dtype
         self._update = mx.compile(_make_update(eps, l1, l2))
+
+    def init(self, parameters: dict):
+        for path, parameter in tree_flatten(parameters):
+            if not mx.issubdtype(parameter.dtype, mx.floating):
+                raise TypeError(f"AdagradDA cannot train {path}: it is {parameter.dtype}, not floating; freeze it")
+        super().init(parameters)
 
     def init_single(self, parameter: mx.array, state: dict):
         dtype = self.state_dtype if parameter.dtype in _LOW_PRECISION else parameter.dtype
@@ -79,3 +92,17 @@ class AdagradDA(Optimizer):
             parameter, gradient, state["G"], state["v"], self.learning_rate, self.step
         )
         return w
+
+
+def _number(name: str, value, dtype) -> float:
+    """`value` (a real number, or an mx.array of one) as a float, checked finite in float32 and in
+    `dtype`, the dtypes the update computes in: TypeError or ValueError naming `name`."""
+    if isinstance(value, mx.array) and value.size == 1 and mx.issubdtype(value.dtype, mx.number):
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, Real):
+        raise TypeError(f"AdagradDA {name} must be a number, got {type(value).__name__} {value!r}")
+    value = float(value)
+    for kind in {mx.float32, dtype}:
+        if not math.isfinite(mx.array(value, kind).item()):
+            raise ValueError(f"AdagradDA {name} must be finite in {kind}, got {value}")
+    return value

@@ -63,6 +63,9 @@ class SparseAdagrad(Adagrad):
         self.init_rows(model, path)
         table, state = _get(model, path), _get(self.state, path)
         ids = ids.reshape(-1)
+        if ids.size == 0:  # no rows looked up: nothing to update
+            _in_table(ids, table.shape[0], "update_rows")  # but a float id array is still refused
+            return
         ids, row_gradients, inside = _checked(ids, row_gradients.reshape(ids.size, *table.shape[1:]), table.shape[0])
         if cpu_pairs is None:
             cpu_pairs = mx.default_device() == mx.cpu
@@ -88,21 +91,31 @@ class SparseAdagrad(Adagrad):
         _branch(model, path)[path.rsplit(".", 1)[-1]] = table
 
 
-def _checked(ids: mx.array, row_gradients: mx.array, rows: int):
-    """(ids, row_gradients, inside): ids in [0, rows), a negative id counted from the end, and which
-    were in the table. IndexError for an id outside it where ids can be read (eagerly); under
-    mx.compile the ids outside are replaced by the batch's first valid id (0 if none) and their
-    gradients by zeros, which change nothing."""
-    inside = (ids >= -rows) & (ids < rows)
+def _in_table(ids: mx.array, rows: int, who: str):
+    """(ids, inside): integer ids (of any integer dtype) as int32 in [0, rows), a negative id counted
+    from the end, and which were in the table. IndexError for an id outside it where ids can be read
+    (eagerly); under mx.compile the ids outside are replaced by the first valid id (0 if none)."""
+    if not mx.issubdtype(ids.dtype, mx.integer):
+        raise TypeError(f"{who}: ids must be integers, got {ids.dtype}")
+    unsigned = mx.issubdtype(ids.dtype, mx.unsignedinteger)
+    inside = ids < rows if unsigned else (ids >= -rows) & (ids < rows)
     try:
         all_inside = inside.all().item()
     except (ValueError, RuntimeError):  # traced by mx.compile: values cannot be read, so mask
         all_inside = None
     if all_inside is False:
         bad = ids[mx.argmin(inside)].item()  # the first id outside
-        raise IndexError(f"update_rows: id {bad} is outside the table's {rows} rows (ids must be in [-{rows}, {rows}))")
-    ids = mx.where(ids < 0, ids + rows, ids)  # -1 is the last row, as in a lookup
-    ids = mx.where(inside, ids, ids[mx.argmax(inside)] * inside.any())
+        raise IndexError(f"{who}: id {bad} is outside the table's {rows} rows (ids must be in [-{rows}, {rows}))")
+    if not unsigned:
+        ids = mx.where(ids < 0, ids + rows, ids)  # -1 is the last row, as in a lookup
+    ids = mx.where(inside, ids, ids[mx.argmax(inside)] * inside.any()) if ids.size else ids
+    return ids.astype(mx.int32), inside
+
+
+def _checked(ids: mx.array, row_gradients: mx.array, rows: int):
+    """(ids, row_gradients, inside): _in_table's ids, and the gradients of ids outside the table
+    replaced by zeros, which change nothing."""
+    ids, inside = _in_table(ids, rows, "update_rows")
     return ids, mx.where(inside.reshape(-1, *(1,) * (row_gradients.ndim - 1)), row_gradients, 0), inside
 
 
@@ -187,7 +200,12 @@ class SparseEmbedding(nn.Embedding):
         self.freeze()
 
     def __call__(self, x):
-        return x if mx.issubdtype(x.dtype, mx.floating) else self.weight[x]
+        """Rows pass through; ids are looked up, never outside the table (MLX's gather does not check):
+        IndexError eagerly, under mx.compile an id outside reads a row inside."""
+        if mx.issubdtype(x.dtype, mx.floating):
+            return x
+        ids, _ = _in_table(x.reshape(-1), self.weight.shape[0], "SparseEmbedding")
+        return self.weight[ids].reshape(*x.shape, self.weight.shape[-1])
 
 
 def sparse_value_and_grad(model: nn.Module, fn: Callable):

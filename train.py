@@ -19,7 +19,7 @@ import dataclasses
 import math
 import os
 import platform
-import signal
+import shlex
 import sys
 import time
 import uuid
@@ -34,10 +34,12 @@ from tqdm import tqdm
 
 from data import DataError
 from models import ops as model_ops
-from training import checkpoint, cpu_tuning, options, reproduce, tasks
+from training import checkpoint, cpu_tuning, failures, options, paths, reproduce, tasks
 from training.checkpoint import CheckpointError, RunState
-from training.interrupts import Interrupts, Stopped
+from training.failures import OutsideError
+from training.interrupts import Interrupts, Stopped, resume_command
 from training.options import DIVERGED, OptionError
+from training.paths import PathError
 from training.reproduce import RecordError
 from training.runlog import JsonlLog, LogError
 from training.step import learning_rate, make_optimizer, shard, training_step
@@ -48,23 +50,40 @@ class Diverged(Exception):
 
 
 # What a user can fix: one line and exit 2, from main().
-USER_ERRORS = (OptionError, DataError, CheckpointError, LogError, RecordError, Diverged)
+USER_ERRORS = (OptionError, DataError, CheckpointError, LogError, RecordError, PathError, OutsideError, Diverged)
 
 
 def main(argv=None):
-    command = " ".join(["python", *(sys.argv if argv is None else ["train.py", *argv])])  # as typed
+    typed = cpu_tuning.typed_command() if argv is None else [sys.executable, "train.py", *argv]
+    command = shlex.join(["python", *(sys.argv if argv is None else ["train.py", *argv])])  # as the log records it
+    config = None
     try:
         with Interrupts() as interrupts:
-            config = options.parse(argv, __doc__)
-            use_device(config.device)
-            tuning = cpu_tuning.enable(config.cpu_tuning == "on", config.device, restart=argv is None)
-            if config.reproduce:
-                code = reproduce.rerun(config, partial(train, tuning=tuning, interrupts=interrupts))
-                sys.stdout.flush()
-                sys.exit(code)
-            trained = train(config, command, tuning, interrupts)
-            sys.stdout.flush()  # a reader that left (python train.py | head) shows here, not at exit
-            return trained
+            failures.guard_streams(interrupts.lost_output)
+            try:
+                config = options.parse(argv, __doc__)
+                paths.check(config)
+                use_device(config.device)
+                tuning = cpu_tuning.enable(config.cpu_tuning == "on", config.device, restart=argv is None)
+                failures.remove_damaged_kernels()
+                if config.reproduce:
+                    code = reproduce.rerun(config, partial(train, tuning=tuning, interrupts=interrupts, resume=""))
+                    sys.stdout.flush()
+                    sys.exit(code)
+                trained = train(config, command, tuning, interrupts, resume_command(typed))
+                sys.stdout.flush()  # a reader that left (python train.py | head) shows here, not at exit
+                return trained
+            except (Stopped, *USER_ERRORS):
+                raise
+            except Exception as e:
+                if interrupts.signal is not None:  # what the stop broke (a kernel build it killed, say)
+                    saved = checkpoint.last_good(config and config.checkpoint_dir)
+                    broken = failures.explain(e) or type(e).__name__
+                    raise interrupts.stop_here(f"while running, which broke off: {broken}{saved}") from None
+                reason = failures.explain(e)
+                if reason is None:
+                    raise
+                raise OutsideError(reason + checkpoint.last_good(config and config.checkpoint_dir)) from None
     except USER_ERRORS as e:
         rank = mx.distributed.init().rank() if mx.distributed.is_available() else 0
         print(f"train.py: error{f' (rank {rank})' if rank else ''}: {e}", file=sys.stderr)
@@ -72,10 +91,6 @@ def main(argv=None):
     except Stopped as e:
         print(f"train.py: {e}", file=sys.stderr)
         sys.exit(e.code)
-    except BrokenPipeError:  # what a shell's SIGPIPE does, in one line; the checkpoints saved so far are kept
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # Python's flush at exit must not fail too
-        print("train.py: stopped: its standard output was closed", file=sys.stderr)
-        sys.exit(128 + signal.SIGPIPE)
 
 
 def use_device(device):
@@ -88,16 +103,12 @@ def use_device(device):
     mx.set_default_device(mx.gpu if device == "gpu" else mx.cpu)
 
 
-def train(config, command, tuning, interrupts):
+def train(config, command, tuning, interrupts, resume):
     """Train as `config` says; return the model and optimizer. Under mlx.launch, data-parallel.
 
     The outputs come first: a run that cannot save what it does, or would overwrite another's, never starts."""
     group = mx.distributed.init()  # a group of one unless started by mlx.launch
     rank, world = group.rank(), group.size()
-    if config.streams > 1 and config.device != "cpu":
-        raise OptionError(
-            f"--streams {config.streams} splits a batch over CPU threads: use --streams 1 on the {config.device}"
-        )
     if config.batch_size < world * config.streams:
         raise OptionError(
             f"--batch-size {config.batch_size} is smaller than the {world} process(es) x {config.streams} "
@@ -105,13 +116,15 @@ def train(config, command, tuning, interrupts):
         )
     with contextlib.ExitStack() as outputs:  # closed on every exit: the folder is free again, the log closed
         if config.checkpoint_dir and rank == 0:  # the others only read it, to resume
-            outputs.enter_context(checkpoint.claim(config.checkpoint_dir, config.resume, config.overwrite))
+            outputs.enter_context(
+                checkpoint.claim(config.checkpoint_dir, config.resume, config.overwrite, config.log_file)
+            )
         log = outputs.enter_context(
             JsonlLog(config.log_file if rank == 0 else None, fresh=not config.resume, overwrite=config.overwrite)
         )
         if config.checkpoint_dir and rank == 0 and config.overwrite:  # both outputs claimed: only now
             checkpoint.retire(config.checkpoint_dir)
-        return run(config, command, tuning, group, log, interrupts)
+        return run(config, command, resume, tuning, group, log, interrupts)
 
 
 @dataclass(frozen=True)
@@ -120,6 +133,7 @@ class Run:
 
     config: object
     command: str
+    resume: str  # the command line that continues this run
     task: object
     model: object
     optimizer: object
@@ -139,7 +153,7 @@ class Run:
             print(*text)
 
 
-def run(config, command, tuning, group, log, interrupts):
+def run(config, command, resume, tuning, group, log, interrupts):
     """Build the task, optimizer and step, start or resume, train, report."""
     rank, world = group.rank(), group.size()
     say = print if rank == 0 else (lambda *_: None)
@@ -183,9 +197,14 @@ def run(config, command, tuning, group, log, interrupts):
         step = partial(mx.compile, inputs=arrays, outputs=arrays)(step)
     with interrupts.deferred(world):
         started = time.perf_counter() - state.elapsed_s
-        fixed = Run(config, command, task, model, optimizer, step, arrays, log, group, interrupts, total_steps, started)
+        fixed = Run(
+            config, command, resume, task, model, optimizer, step, arrays, log, group, interrupts, total_steps, started
+        )
         model.train()
-        train_loop(fixed, state)
+        try:
+            train_loop(fixed, state)
+        except LogError as e:  # the log is lost, not the training
+            raise LogError(f"{e}{keep(fixed, state)}") from None
     report(fixed)
     return model, optimizer
 
@@ -313,16 +332,19 @@ def save(run, state, pending_eval=None):
 
 
 def stop(run, state, pending_eval=None):
-    """After a stop signal: save where the run stands (if it has a --checkpoint-dir) and raise Stopped."""
-    where = f"stopped by {run.interrupts.name} at step {state.step}"
-    saved = "; no --checkpoint-dir, so nothing to resume"
-    if run.config.checkpoint_dir:
-        try:
-            save(run, state, pending_eval)
-            saved = f"; saved step {state.step} in {run.config.checkpoint_dir}: continue with {run.command} --resume"
-        except CheckpointError as e:
-            saved = f"; {e}"
-    raise Stopped(where + saved, 128 + run.interrupts.signal)
+    """After a stop (a signal, a lost standard stream): save where the run stands and raise Stopped."""
+    raise run.interrupts.stop_here(f"at step {state.step}{keep(run, state, pending_eval)}")
+
+
+def keep(run, state, pending_eval=None) -> str:
+    """Save the run where it stands, if it has a --checkpoint-dir; say what was kept and how to continue."""
+    if not run.config.checkpoint_dir:
+        return "; no --checkpoint-dir, so nothing to resume"
+    try:
+        save(run, state, pending_eval)
+    except CheckpointError as e:
+        return f"; {e}"
+    return f"; saved step {state.step} in {run.config.checkpoint_dir}: continue with {run.resume}"
 
 
 def report(run):

@@ -206,7 +206,6 @@ def test_low_precision_update_computed_in_state_dtype():
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        (dict(learning_rate=-0.1), "learning_rate"),
         (dict(learning_rate=0.1, eps=0.0), "eps"),
         (dict(learning_rate=0.1, eps=-1e-8), "eps"),
         (dict(learning_rate=0.1, initial_accumulator_value=-1.0), "initial_accumulator_value"),
@@ -405,7 +404,7 @@ def test_capturing_only_model_state_is_the_documented_trap():
 
 @pytest.mark.parametrize("name", ["initial_accumulator_value", "lr_decay", "weight_decay", "l1", "l2"])
 def test_an_infinite_hyperparameter_is_refused(name):
-    with pytest.raises(ValueError, match=f"Adagrad {name} must be finite and >= 0, got inf"):
+    with pytest.raises(ValueError, match=f"Adagrad {name} must be finite in mlx.core.float32, got inf"):
         Adagrad(0.1, **{name: float("inf")})
 
 

@@ -158,7 +158,7 @@ def test_streams_on_a_gpu_step_are_one_line(tmp_path, monkeypatch, capsys):
         train.main(["--device", "gpu", "--data-dir", str(tmp_path), "--verify-data", "off", "--streams", "2"])
     lines = capsys.readouterr().err.strip().splitlines()
     assert exit_.value.code == 2 and len(lines) == 1
-    assert lines[0] == "train.py: error: --streams 2 splits a batch over CPU threads: use --streams 1 on the gpu"
+    assert lines[0] == "train.py: error: --streams is an option of --device cpu, not gpu"
 
 
 def test_the_language_models_split_their_batch_over_two_cpu_streams_by_default():

@@ -2,6 +2,7 @@
 resumed, and the resume hint after a stop."""
 
 import json
+import shlex
 import signal
 import subprocess
 import sys
@@ -67,16 +68,28 @@ def test_off_a_terminal_a_run_prints_lines_not_a_progress_bar(tmp_path):
     assert header["blas"].endswith(", 1 thread"), header["blas"]  # the details go into the log
 
 
-def test_the_resume_hint_repeats_the_command_as_typed(tmp_path):
-    write_small_mnist(tmp_path)
-    log, script = tmp_path / "log.jsonl", str(REPO / "train.py")  # typed as a path from elsewhere
-    argv = [*small_run(tmp_path), "--epochs", "50", "--log-every", "1", "--log-file", str(log)]
-    argv += ["--checkpoint-dir", str(tmp_path / "ckpt")]
-    process = subprocess.Popen([sys.executable, script, *argv], cwd=tmp_path, stderr=subprocess.PIPE, text=True)
+@pytest.mark.parametrize("folder", ["plain", "with space's & $dollar"])
+@pytest.mark.parametrize("first", ["--overwrite", "--overw"], ids=["overwrite", "abbreviated"])
+def test_the_resume_hint_is_a_command_that_continues_the_run(tmp_path, folder, first):
+    """The stop line ends in a shell command: pasted back as printed, from where the run was started, it
+    continues the run (paths quoted, the options as typed, --resume in place of --overwrite)."""
+    where = tmp_path / folder
+    write_small_mnist(where)
+    log, script = where / "log.jsonl", str(REPO / "train.py")  # typed as a path from elsewhere
+    argv = [*small_run(where), "--epochs", "50", "--log-every", "1", "--log-file", str(log), first]
+    argv += ["--checkpoint-dir", str(where / "ckpt")]
+    process = subprocess.Popen([sys.executable, script, *argv], cwd=where, stderr=subprocess.PIPE, text=True)
     start = time.perf_counter()
     while not (log.exists() and len(log.read_text().splitlines()) > 2) and time.perf_counter() - start < 120:
         time.sleep(0.05)
     process.send_signal(signal.SIGTERM)
     _, err = process.communicate(timeout=120)
     assert process.returncode == 128 + signal.SIGTERM, err
-    assert f"continue with python {script} {' '.join(argv)} --resume" in err, err
+    hint = err.strip().split("continue with ", 1)[1]
+    assert shlex.split(hint)[1:] == [script, *[a for a in argv if a != first], "--resume"], hint
+    saved = json.loads((where / "ckpt" / "checkpoint.json").read_text())["step"]
+    # Pasted back with a stop after a few more steps: it resumed where it stood, into the same log.
+    resumed = subprocess.run(["sh", "-c", f"{hint} --steps {saved + 3}"], cwd=where, capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"resumed from {where / 'ckpt'} at step {saved}" in resumed.stdout
+    assert json.loads((where / "ckpt" / "checkpoint.json").read_text())["step"] == saved + 3

@@ -62,7 +62,8 @@ def corpus(tmp_path):
 
 def run_lm(tmp_path, *args, name="run"):
     log = tmp_path / f"{name}.jsonl"
-    train.main([*TINY_MODEL, "--cache-dir", str(tmp_path / "cache"), "--log-every", "1", "--log-file", str(log), *args])
+    cache = [] if "word" in args else ["--cache-dir", str(tmp_path / "cache")]  # a word vocabulary is not cached
+    train.main([*TINY_MODEL, *cache, "--log-every", "1", "--log-file", str(log), *args])
     return [json.loads(line) for line in log.read_text().splitlines()]
 
 
@@ -286,9 +287,7 @@ def test_by_frequency_and_the_sampled_text_go_through_the_renumbered_vocabulary(
     ptb.mkdir()
     for split in ("train", "valid", "test"):
         (ptb / f"ptb.{split}.txt").write_text(ptb_like(seed=len(split)))
-    args = options.parse(
-        [*TINY_MODEL[:-2], "--dataset", "ptb", "--data-dir", str(tmp_path), "--cache-dir", str(tmp_path / "cache")]
-    )
+    args = options.parse([*TINY_MODEL[:-2], "--dataset", "ptb", "--data-dir", str(tmp_path)])
     assert args.softmax == "class"  # the default for a word vocabulary
     task = tasks.setup_lm(args, CPU)
     assert np.all(np.diff(np.bincount(task.batches.tokens)) <= 0)  # the model sees ids numbered by frequency
@@ -356,8 +355,6 @@ def test_word_level_ptb_perplexity_is_the_exponential_of_the_token_loss(tmp_path
             "ptb",
             "--data-dir",
             str(tmp_path),  # [:-2]: no --vocab-size
-            "--cache-dir",
-            str(tmp_path / "cache"),
         ]
     )
     task = tasks.setup_lm(args, CPU)

@@ -23,7 +23,7 @@ def as_numpy(tree):
     return {k: np.array(v, np.float64) for k, v in tree_flatten(tree)}
 
 
-def reference(kind, params, grads):
+def reference(kind, params, grads, l1=L1, l2=L2):
     """NumPy float64 transcription of each variant's formula (module docstrings), leaf by leaf."""
     w = as_numpy(params)
     state = {k: {"v": np.zeros_like(x), "G": np.zeros_like(x), "s": np.zeros((x.shape[0], 1))} for k, x in w.items()}
@@ -34,7 +34,7 @@ def reference(kind, params, grads):
                 st["v"] += g * g
                 a = LR / (np.sqrt(st["v"]) + EPS)
                 u = w[k] - a * g
-                w[k] = np.sign(u) * np.maximum(np.abs(u) - a * L1, 0) / (1 + a * L2)
+                w[k] = np.sign(u) * np.maximum(np.abs(u) - a * l1, 0) / (1 + a * l2)
             elif kind == "rowwise" and EMBEDDING(k, g) and g.ndim == 2:
                 st["s"] += (g * g).mean(axis=1, keepdims=True)
                 w[k] = w[k] - LR * g / (np.sqrt(st["s"]) + EPS)
@@ -47,8 +47,8 @@ def reference(kind, params, grads):
                 w[k] = (
                     -np.sign(st["G"])
                     * LR
-                    * np.maximum(np.abs(st["G"]) - L1 * t, 0)
-                    / (np.sqrt(st["v"]) + EPS + LR * L2 * t)
+                    * np.maximum(np.abs(st["G"]) - l1 * t, 0)
+                    / (np.sqrt(st["v"]) + EPS + LR * l2 * t)
                 )
     return w
 
@@ -58,6 +58,19 @@ MAKE = {
     "rowwise": lambda lr=LR, **kw: Adagrad(lr, rowwise=EMBEDDING, **kw),
     "da": lambda lr=LR, **kw: AdagradDA(lr, l1=L1, l2=L2, **kw),
 }
+
+
+@pytest.mark.parametrize("l1, l2", [(L1, 0.0), (0.0, L2)], ids=["l1 alone", "l2 alone"])
+@pytest.mark.parametrize("kind, make", [("proximal", Adagrad), ("da", AdagradDA)])
+def test_each_regulariser_on_its_own_matches_the_float64_reference(kind, make, l1, l2):
+    """Each option alone as well as together: a step that drops L2 when L1 is 0 fails here."""
+    grads = gradient_sequence(12)
+    ours = as_numpy(run(make(LR, l1=l1, l2=l2), nested_tree(0), grads))
+    want = reference(kind, nested_tree(0), grads, l1=l1, l2=l2)
+    plain = reference("proximal", nested_tree(0), grads, l1=0.0, l2=0.0)
+    for key in want:
+        np.testing.assert_allclose(ours[key], want[key], **TOLERANCE, err_msg=key)
+    assert kind == "da" or any(not np.allclose(want[k], plain[k], **TOLERANCE) for k in want), "the option did nothing"
 
 
 @pytest.mark.parametrize("kind", list(MAKE))

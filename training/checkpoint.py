@@ -13,6 +13,7 @@ on several machines, --checkpoint-dir must be a folder they all see.
 import dataclasses
 import fcntl
 import json
+import math
 import os
 import zlib
 from dataclasses import dataclass, field
@@ -22,10 +23,14 @@ import mlx.core as mx
 import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 
-# Version 3 stores a checksum of every array; 2 did not; 1 had nn.Linear's (out, in) weights, which a square
-# layer would load silently transposed.
-FORMAT = 3
-READABLE = (2, 3)
+# Version 4 stores a checksum of the run state too; 3 of every array; 2 of none (its arrays are checked finite on
+# load); 1 had nn.Linear's (out, in) weights, which a square layer would load silently transposed.
+FORMAT = 4
+READABLE = (2, 3, 4)
+# Bytes per element of each safetensors dtype, to check a header's sizes before anything is allocated.
+ITEM_SIZE = {"BOOL": 1, "U8": 1, "I8": 1, "U16": 2, "I16": 2, "F16": 2, "BF16": 2, "U32": 4, "I32": 4, "F32": 4,
+             "U64": 8, "I64": 8, "F64": 8, "C64": 8}  # fmt: skip
+LARGEST_HEADER = 100 << 20
 FILES = ("checkpoint.safetensors", "checkpoint.json")
 RUN_STATE = {"step": int, "epoch": int, "batch": int, "config": dict}
 
@@ -61,9 +66,11 @@ class RunState:
         return cls(**{f.name: saved[f.name] for f in dataclasses.fields(cls) if f.name in saved})
 
 
-def claim(directory, resume: bool, overwrite: bool):
+def claim(directory, resume: bool, overwrite: bool, log_file=None):
     """Make `directory` this run's: create it, lock it, check that it can be written, remove what an
     interrupted save left, and refuse to start over a checkpoint unless resuming or told to overwrite.
+    A new run is refused a folder that holds anything this program did not write (but the run's own
+    `log_file`) unless told to overwrite, and even then only this program's files are replaced.
 
     Returns the open lock file; keep it for the whole run (closing it releases the folder).
     """
@@ -89,8 +96,17 @@ def claim(directory, resume: bool, overwrite: bool):
             f"--checkpoint-dir {directory} is in use by another train.py ({owner}): give each run its own folder"
         ) from None
     try:
-        for stale in directory.glob(".checkpoint.tmp*"):  # a save that was killed halfway; the lock says it is over
-            stale.unlink()
+        for stale in TEMPORARY:  # a save that was killed halfway; the lock says it is over
+            (directory / stale).unlink(missing_ok=True)
+        log = Path(log_file).resolve() if log_file else None
+        own = {*FILES, ".lock", *([log.name] if log and log.parent == directory.resolve() else [])}
+        foreign = sorted(entry.name for entry in directory.iterdir() if entry.name not in own)
+        if foreign and not resume and not overwrite:
+            shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
+            raise CheckpointError(
+                f"--checkpoint-dir {directory} holds files this program did not write ({shown}): use a new or empty "
+                "folder, or --overwrite (which replaces only this program's own files)"
+            )
         exists = (directory / FILES[0]).exists()
         if exists and not resume and not overwrite:
             raise CheckpointError(
@@ -132,8 +148,15 @@ def _saved_run_state(path: Path):
         return None
 
 
+def _temporary(path: Path) -> Path:
+    return path.with_name(f".{path.stem}.tmp{path.suffix}")
+
+
+TEMPORARY = [_temporary(Path(name)).name for name in FILES]
+
+
 def _atomic_write(path: Path, write):
-    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
+    tmp = _temporary(path)
     try:
         write(tmp)
         os.replace(tmp, path)
@@ -173,14 +196,19 @@ def save(directory, model, optimizer, run_state: dict, group=None):
     arrays["rng.keys"] = keys
     text = json.dumps({**run_state, "format": FORMAT}, indent=1, sort_keys=True)
     metadata = {"run_state": text, "checksums": json.dumps({k: checksum(v) for k, v in arrays.items()})}
+    metadata["run_state_crc32"] = str(zlib.crc32(text.encode()))
     try:
         _atomic_write(directory / FILES[0], lambda tmp: mx.save_safetensors(str(tmp), arrays, metadata=metadata))
         _atomic_write(directory / FILES[1], lambda tmp: tmp.write_text(text + "\n"))
     except (OSError, RuntimeError) as e:  # MLX reports a failed write as a RuntimeError
         reason = e.strerror if isinstance(e, OSError) else str(e).splitlines()[0]
-        raise CheckpointError(
-            f"cannot write a checkpoint in {directory} ({reason}); the previous one is intact"
-        ) from None
+        if not directory.is_dir():
+            kept = "the folder was removed while the run was going, and no checkpoint is left"
+        elif (directory / FILES[0]).exists():
+            kept = "the previous one is intact"
+        else:
+            kept = "it holds no earlier checkpoint"
+        raise CheckpointError(f"cannot write a checkpoint in {directory} ({reason}); {kept}") from None
 
 
 def read(path: Path):
@@ -188,6 +216,7 @@ def read(path: Path):
     CheckpointError naming the file for anything that is not a whole checkpoint of this program."""
     not_ours = f"{path} is not a checkpoint of this program, or is damaged"
     try:
+        check_layout(path)
         arrays, metadata = mx.load(str(path), return_metadata=True)
         run_state = json.loads(metadata["run_state"])
         checksums = json.loads(metadata.get("checksums", "{}"))
@@ -204,6 +233,10 @@ def read(path: Path):
     wrong = [k for k, kind in RUN_STATE.items() if not isinstance(run_state.get(k), kind)]
     if wrong or "rng.keys" not in arrays:
         raise CheckpointError(f"{not_ours}: its run state lacks {', '.join(wrong or ['rng.keys'])}")
+    if run_state["format"] >= 4 and metadata.get("run_state_crc32") != str(zlib.crc32(metadata["run_state"].encode())):
+        raise CheckpointError(f"{path} is damaged: its run state fails its checksum; use another --checkpoint-dir")
+    if run_state["format"] == 2 and not all_finite(arrays.values()):
+        raise CheckpointError(f"{path} is damaged: it holds values that are not finite; use another --checkpoint-dir")
     if run_state["format"] >= 3:
         if set(checksums) != set(arrays):
             raise CheckpointError(f"{not_ours}: it holds {len(arrays)} arrays, its checksums name {len(checksums)}")
@@ -211,6 +244,31 @@ def read(path: Path):
         if damaged:
             raise CheckpointError(f"{path} is damaged: {len(damaged)} array(s) fail their checksum, first {damaged[0]}")
     return arrays, run_state
+
+
+def check_layout(path: Path):
+    """ValueError unless the safetensors header of `path` describes arrays that lie inside the file, each
+    as long as its dtype and shape say: read before MLX allocates anything the header claims."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        length = int.from_bytes(f.read(8), "little")
+        if size < 8 or not 0 < length <= min(size - 8, LARGEST_HEADER):
+            raise ValueError(f"its header claims {length} bytes of a {size}-byte file")
+        header = json.loads(f.read(length))
+    if not isinstance(header, dict):
+        raise ValueError("its header is not a table of arrays")
+    data = size - 8 - length
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            begin, end = entry["data_offsets"]
+            shape, item = entry["shape"], ITEM_SIZE[entry["dtype"]]
+            fits = all(type(d) is int and d >= 0 for d in [*shape, begin, end]) and 0 <= begin <= end <= data
+        except (KeyError, TypeError, ValueError):
+            fits = False
+        if not fits or end - begin != math.prod(shape) * item:
+            raise ValueError(f"its header places array {name[:80]} outside the file or at the wrong size")
 
 
 def load(directory, model, optimizer, identity: dict, content: dict, rank: int = 0) -> RunState:

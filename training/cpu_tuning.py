@@ -33,6 +33,7 @@ Switch all of it off with enable(on=False) (train.py --cpu-tuning off) or MLX_AD
 import hashlib
 import os
 import platform
+import shlex
 import shutil
 import signal
 import subprocess
@@ -41,14 +42,15 @@ import tempfile
 from pathlib import Path
 
 from training import cpu_blas
+from training.interrupts import SIGNALS
 
 SWITCH = "MLX_ADAGRAD_CPU_TUNING"
-STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
 FLAGS = "-march=native -fno-math-errno -fno-trapping-math -ffp-contract=off -finline-limit=10000"
 KERNEL_CACHE = Path.home() / ".cache" / "mlx-adagrad-kernels"
 GRAPH_WIDTH = "1000"
 CACHE_LIMIT = 1 << 30
 _PRELOADED = "_MLX_ADAGRAD_PRELOADED"  # set for the restarted process only; holds the LD_PRELOAD before it
+_TYPED = "_MLX_ADAGRAD_TYPED"  # likewise: the command line as it was typed, before the restart
 _blas = None
 _report = None
 
@@ -100,8 +102,9 @@ def _load_blas(restart: bool, compiler) -> str:
     global _blas
     restarted = _PRELOADED in os.environ  # this is the restarted process: OpenBLAS came first
     if restarted:
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)  # held while it started; pending ones arrive now
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, SIGNALS)  # held while it started; pending ones arrive now
         previous = os.environ.pop(_PRELOADED)
+        os.environ.pop(_TYPED, None)
         os.environ.pop("LD_PRELOAD", None)
         if previous:
             os.environ["LD_PRELOAD"] = previous
@@ -113,13 +116,19 @@ def _load_blas(restart: bool, compiler) -> str:
             return "reference BLAS (mlx.core was imported before OpenBLAS could be loaded)"
         sys.stdout.flush()
         sys.stderr.flush()
-        signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)  # a Ctrl-C while restarting waits for the handlers
+        signal.pthread_sigmask(signal.SIG_BLOCK, SIGNALS)  # a Ctrl-C while restarting waits for the handlers
         previous = os.environ.get("LD_PRELOAD", "")
         env = {**os.environ, _PRELOADED: previous, "LD_PRELOAD": f"{previous} {blas.preload}".strip()}
+        env[_TYPED] = shlex.join(typed_command())
         os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)
     _blas = blas.load()
     set_blas_threads(1)
     return _blas.describe()
+
+
+def typed_command() -> list:
+    """The command line as typed, the interpreter first (sys.orig_argv of the process before a restart)."""
+    return shlex.split(os.environ[_TYPED]) if _TYPED in os.environ else list(sys.orig_argv)
 
 
 def set_blas_threads(threads: int):
@@ -182,13 +191,32 @@ def _build_id(compiler: str) -> str:
     return hashlib.sha256("\n".join([*_cpu_info(), compiler, FLAGS]).encode()).hexdigest()[:12]
 
 
+# The g++ that mx.compile runs. A stop signal sent to the whole process group (a terminal's Ctrl-C) does
+# not kill a build halfway: the build finishes and the run's own handler stops the run. The kernel is
+# written under a temporary name and renamed, so the cache never holds part of one.
+WRAPPER = """#!/bin/sh
+trap '' HUP INT QUIT TERM
+count=$#; previous=""
+for word in "$@"; do
+  if [ "$previous" = "-o" ]; then output="$word"; word="$word.$$.tmp"; fi
+  set -- "$@" "$word"; previous="$word"
+done
+shift "$count"
+if [ -z "$output" ]; then exec "{compiler}" {flags} "$@"; fi
+"{compiler}" {flags} "$@" && mv -f "$output.$$.tmp" "$output"
+status=$?
+rm -f "$output.$$.tmp"
+exit $status
+"""
+
+
 def _install_wrapper(folder: Path, compiler: str):
     """Write folder/g++, a script that runs `compiler` with FLAGS, atomically; make folder/tmp.
 
     Raises OSError if `compiler` rejects FLAGS (then MLX keeps its own)."""
     (folder / "tmp").mkdir(parents=True, exist_ok=True)
     wrapper = folder / "g++"
-    script = f'#!/bin/sh\nexec "{compiler}" {FLAGS} "$@"\n'
+    script = WRAPPER.format(compiler=compiler, flags=FLAGS)
     if wrapper.exists() and wrapper.read_text() == script:
         return
     check = subprocess.run(

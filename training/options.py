@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import mlx.core as mx
+import numpy as np
 
 from data import default_data_dir, mnist
 from training import cpu_tuning
@@ -39,10 +40,13 @@ class OneLineParser(argparse.ArgumentParser):
 
 
 LARGEST = 2**31 - 1  # step counts, sizes and widths: what MLX's int32 indices hold
+FLOAT32 = np.finfo(np.float32)  # the dtype MLX computes every float option in
 
 
 def number(kind, low=None, high=None, low_open=False, high_open=False):
-    """A parser for `kind` values in [low, high] (an open end with *_open), finite for floats."""
+    """A parser for `kind` values in [low, high] (an open end with *_open). Floats are checked as
+    float32 holds them: finite, and either 0 or a normal number (a smaller one is 0 on a GPU and
+    rounds to 0 in an update)."""
 
     def parse(text):
         try:
@@ -52,6 +56,11 @@ def number(kind, low=None, high=None, low_open=False, high_open=False):
             raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
         if kind is float and not math.isfinite(value):
             raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
+        if kind is float and abs(value) > FLOAT32.max:
+            raise argparse.ArgumentTypeError(f"must be finite in float32 (at most {FLOAT32.max:.3g}), got {text}")
+        if kind is float and 0 < abs(value) < FLOAT32.tiny:
+            smallest = f"{'' if low == 0 and low_open else '0 or '}at least {FLOAT32.tiny:.3g}"
+            raise argparse.ArgumentTypeError(f"is 0 or subnormal in float32, MLX's dtype: use {smallest}, got {text}")
         too_low = low is not None and (value <= low if low_open else value < low)
         too_high = high is not None and (value >= high if high_open else value > high)
         if too_low or too_high:
@@ -151,12 +160,29 @@ class Applies:
         return f"{flags} is an option of --{self.by} {allowed}, not {getattr(config, self.by)}"
 
 
+@dataclass(frozen=True)
+class Given:
+    """An option that takes effect only when one of the options `by` is set."""
+
+    by: tuple
+
+    def __call__(self, config):
+        return any(getattr(config, name) for name in self.by)
+
+    def refuse(self, flags, config):
+        needed = " or ".join(BY_NAME[name].flags for name in self.by)
+        return f"{flags} needs {needed}, without which it does nothing: add {needed.split(' or ')[0]} or drop {flags}"
+
+
 ADAGRAD = Applies("optimizer", ("adagrad",))
 PROXIMAL = Applies("optimizer", ("adagrad", "adagrad-da"))
 EPSILON = Applies("optimizer", ("adagrad", "mlx-adagrad", "adagrad-da", "adam", "adamw"))
 DECAY = Applies("optimizer", ("adagrad", "sgd", "adamw"))
 MNIST = Applies("task", ("mnist",))
 LM = Applies("task", ("lm",))
+ON_CPU = Applies("device", ("cpu",))
+TUNED = Applies("cpu_tuning", ("on",))
+TRAINED_TOKENIZER = Applies("tokenizer", ("bpe", "unigram"))
 
 
 @dataclass(frozen=True)
@@ -195,8 +221,8 @@ OPTIONS = [
            "adagrad_da.py; sgd: momentum 0.9", text, "adagrad", choices=tuple(OPTIMIZERS)),
     Option("--lr", "recipe", f"learning rate; a run stops when its loss is not finite or over {DIVERGED}x its "
            "first step's", POSITIVE, PerRecipe(("model", "optimizer"), LEARNING_RATES)),
-    Option("--eps", "recipe", "epsilon of adagrad, adagrad-da, adam, adamw (default: the optimizer's, 1e-8)",
-           POSITIVE, applies=(EPSILON,)),
+    Option("--eps", "recipe", "epsilon of adagrad, adagrad-da, adam, adamw, in (0, 1] (default: the optimizer's, "
+           "1e-8)", number(float, 0, 1, low_open=True), applies=(EPSILON,)),
     Option("--initial-accumulator-value", "recipe", "adagrad: v starts here", NON_NEGATIVE, 0.0, applies=(ADAGRAD,)),
     Option("--lr-decay", "recipe", "adagrad: lr / (1 + (t-1) lr_decay)", NON_NEGATIVE, 0.0, applies=(ADAGRAD,)),
     Option("--weight-decay", "recipe", "adagrad, sgd: L2 on g; adamw: decoupled", NON_NEGATIVE, 0.0, applies=(DECAY,)),
@@ -241,37 +267,44 @@ OPTIONS = [
            path),
     Option("--verify-data", "run", "check local data files against the originals' sha256 (off: train on your own "
            "files of the same names)", text, "on", choices=("on", "off")),
-    Option("--cache-dir", "run", "where trained tokenizers are kept", path,
-           Path.home() / ".cache" / "mlx-adagrad-tokenizers"),
+    Option("--cache-dir", "run", "where trained bpe and unigram tokenizers are kept", path,
+           FromEnvironment("~/.cache/mlx-adagrad-tokenizers", lambda: Path.home() / ".cache/mlx-adagrad-tokenizers"),
+           applies=(LM, TRAINED_TOKENIZER)),
     Option("--log-file", "run", "JSONL: a header line, then step and evaluation lines", path),
     Option("--log-every", "run", "log the mean training loss every N steps", POSITIVE_INT, 10),
     Option("--eval-every", "run", "evaluate every N epochs, and after the last", POSITIVE_INT,
            PerRecipe(("task",), {"lm": 2}, otherwise=1)),
     Option("--checkpoint-dir", "run", "save checkpoints here, every --checkpoint-every steps and last", path),
-    Option("--checkpoint-every", "run", "steps between checkpoints", POSITIVE_INT, 1000),
-    Option("--resume", "run", "continue from the checkpoint in --checkpoint-dir", flag=True),
+    Option("--checkpoint-every", "run", "steps between checkpoints", POSITIVE_INT, 1000,
+           applies=(Given(("checkpoint_dir",)),)),
+    Option("--resume", "run", "continue from the checkpoint in --checkpoint-dir", flag=True,
+           applies=(Given(("checkpoint_dir",)),)),
     Option("--overwrite", "run", "start over in a --checkpoint-dir that holds a checkpoint, or on an existing "
-           "--log-file (otherwise refused)", flag=True),
+           "--log-file (otherwise refused)", flag=True, applies=(Given(("checkpoint_dir", "log_file")),)),
     Option("--reproduce", "run", "rerun the run LOG records for --reproduce-steps steps and compare every logged "
            "value; exit 1 on a mismatch", path, extra={"metavar": "LOG"}),
-    Option("--reproduce-steps", "run", "steps --reproduce reruns", POSITIVE_INT, 20),
+    Option("--reproduce-steps", "run", "steps --reproduce reruns", POSITIVE_INT, 20, applies=(Given(("reproduce",)),)),
     Option("--sample", "run", "print N tokens sampled from the model at the end", COUNT, 0, applies=(LM,)),
-    Option("--temperature", "run", "of --sample", POSITIVE, 0.8, applies=(LM,)),
+    Option("--temperature", "run", "of --sample, in [0.01, 100]", number(float, 0.01, 100), 0.8,
+           applies=(LM, Given(("sample",)))),
     Option("--device", "device", "where the step runs", text, FromEnvironment("MLX's default device", default_device),
            choices=("cpu", "gpu")),
     Option("--no-compile", "device", "run the step eagerly (same bits, slower)", flag=True),
     Option("--stock-ops", "device", "MLX's own attention, cross-entropy, conv and pooling on the CPU too, as on a GPU "
-           "(not the CPU formulations of models/ops.py)", flag=True),
+           "(not the CPU formulations of models/ops.py)", flag=True, applies=(ON_CPU,)),
     Option("--cpu-tuning", "device", "training/cpu_tuning.py on a Linux CPU (off: MLX as it comes)", text,
            FromEnvironment("on, unless MLX_ADAGRAD_CPU_TUNING=off", lambda: "on" if cpu_tuning.default_on() else "off"),
            choices=("on", "off")),
-    Option("--blas-threads", "device", "OpenBLAS threads (more vary the last bits from run to run)", POSITIVE_INT, 1),
+    Option("--blas-threads", "device", "OpenBLAS threads (more vary the last bits from run to run)", POSITIVE_INT, 1,
+           applies=(ON_CPU, TUNED)),
     Option("--streams", "device", "CPU only: split each batch over N threads (reproducible, other last bits than 1)",
-           POSITIVE_INT, PerRecipe(("device", "task"), {"cpu": {"lm": 2}}, otherwise=1)),
+           POSITIVE_INT, PerRecipe(("device", "task"), {"cpu": {"lm": 2}}, otherwise=1), applies=(ON_CPU,)),
 ]
 # fmt: on
 BY_NAME = {option.dest: option for option in OPTIONS}
 IDENTITY = [option.dest for option in OPTIONS if option.group not in HOW_TO_RUN]
+# What --reproduce takes from its own command line; the rest comes from the log it reruns.
+REPRODUCE_TAKES = ("reproduce", "reproduce_steps", "data_dir", "verify_data", "device", "stock_ops", "cpu_tuning")
 
 
 def build_parser(description=None):
@@ -308,10 +341,19 @@ def complete(values: dict, given: bool = False):
     config.untied = config.untied or config.sparse_embeddings  # a frozen sparse table cannot be tied to the output
     config.data_dir = config.data_dir or default_data_dir()
     if given:
-        for option in OPTIONS:
-            for applies in option.applies if values.get(option.dest) not in (None, False) else ():
+        set_here = [option for option in OPTIONS if values.get(option.dest) not in (None, False)]
+        for option in set_here:
+            for applies in option.applies:
                 if not applies(config):
                     raise OptionError(applies.refuse(option.flags, config))
+        ignored = (
+            [option.flags for option in set_here if option.dest not in REPRODUCE_TAKES] if config.reproduce else []
+        )
+        if ignored:
+            raise OptionError(
+                f"{ignored[0]} does nothing with --reproduce, which reruns the options its log records: drop it "
+                f"(--reproduce takes {', '.join(BY_NAME[name].flags for name in REPRODUCE_TAKES[1:])})"
+            )
 
     check(config)
     return config
@@ -334,7 +376,5 @@ def check(config):
             f"--dim {config.dim} / --heads {config.heads} gives each head {config.dim // config.heads} dims; RoPE "
             "rotates pairs, so it needs an even number: change --dim or --heads, or use --positions learned"
         )
-    if config.resume and not config.checkpoint_dir:
-        raise OptionError("--resume needs --checkpoint-dir, the folder of the run to continue")
     if config.resume and config.overwrite:
         raise OptionError("--resume continues a run and --overwrite starts it over: choose one")

@@ -149,6 +149,8 @@ def rerun(config, train) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         rerun_log = Path(tmp) / "rerun.jsonl"
         here = {name: getattr(config, name) for name in ("data_dir", "device", "stock_ops", "cpu_tuning")}
+        if config.verify_data == "off":  # else as the run recorded it
+            here["verify_data"] = "off"
         rerun_config = options.complete(
             {
                 **recorded_config,

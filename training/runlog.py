@@ -2,6 +2,7 @@
 
 import fcntl
 import json
+import os
 from pathlib import Path
 
 
@@ -75,6 +76,7 @@ class JsonlLog:
     def write(self, record: dict):
         if not self.file:
             return
+        self._check_still_there()
         data = (json.dumps(record) + "\n").encode()
         end = self.path.stat().st_size if self.path.is_file() else 0
         try:
@@ -87,6 +89,19 @@ class JsonlLog:
                 f"cannot write --log-file {self.path} ({e.strerror}); it ends with its last whole line"
             ) from None
         self.lines += 1
+
+    def _check_still_there(self):
+        """LogError when the file at the path is no longer the one this log writes (removed, or replaced)."""
+        try:
+            now = os.stat(self.path)
+        except OSError:
+            now = None
+        mine = os.fstat(self.file.fileno())
+        if now is None or (now.st_dev, now.st_ino) != (mine.st_dev, mine.st_ino):
+            raise LogError(
+                f"--log-file {self.path} was {'removed' if now is None else 'replaced'} while the run was going, so "
+                "its records since are lost"
+            )
 
     def __enter__(self):
         return self

@@ -1,0 +1,132 @@
+"""Failures from outside the program, each turned into one line that names what failed and the fix:
+the standard streams (closed at start, or failing while the run prints), MLX's kernel cache, memory,
+the disk, and errors MLX raises. main() calls guard_streams() first and explain() for what it catches."""
+
+import errno
+import os
+import sys
+from pathlib import Path
+
+
+class OutsideError(Exception):
+    """Something outside the program failed; the message names it and the fix."""
+
+
+class GuardedStream:
+    """sys.stdout or sys.stderr: a write that fails (the reader left, a full disk, a hung-up terminal)
+    points the stream's file descriptor at /dev/null, so that nothing later fails on it, and calls
+    `lost(name, error)` once."""
+
+    def __init__(self, stream, name: str, lost):
+        self.stream, self.name, self.lost, self.failed = stream, name, lost, False
+
+    def write(self, text):
+        try:
+            return self.stream.write(text)
+        except OSError as e:
+            self._fail(e)
+            return len(text)
+
+    def flush(self):
+        try:
+            self.stream.flush()
+        except OSError as e:
+            self._fail(e)
+
+    def _fail(self, error):
+        null = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(null, self.stream.fileno())  # what is still buffered now goes to /dev/null, and Python's exit too
+        os.close(null)
+        if not self.failed:
+            self.failed = True
+            self.lost(self.name, error)
+
+    def __getattr__(self, name):
+        return getattr(self.stream, name)
+
+
+def guard_streams(lost):
+    """Give closed standard streams /dev/null (a run started with >&- or 2>&-, as cron may start it,
+    still trains and writes its log, and no file it opens takes descriptor 1 or 2), and route
+    failures of stdout and stderr to `lost(name, error)`."""
+    for fd, name in ((0, "stdin"), (1, "stdout"), (2, "stderr")):
+        try:
+            os.fstat(fd)
+        except OSError:
+            null = os.open(os.devnull, os.O_RDWR)
+            if null != fd:
+                os.dup2(null, fd)
+                os.close(null)
+        if getattr(sys, name) is None:
+            setattr(sys, name, open(fd, "r" if fd == 0 else "w", closefd=False))
+    for name in ("stdout", "stderr"):
+        if not isinstance(getattr(sys, name), GuardedStream):
+            setattr(sys, name, GuardedStream(getattr(sys, name), name, lost))
+
+
+def lost_stream_reason(name: str, error: OSError) -> str:
+    if error.errno == errno.EPIPE:
+        return f"its standard {name[3:]}put was closed"
+    return f"its standard {name[3:]}put cannot be written ({error.strerror})"
+
+
+def kernel_folder() -> Path:
+    """Where mx.compile keeps the CPU kernels it builds: $TMPDIR/mlx/<MLX version>/cpu (as MLX's
+    std::filesystem::temp_directory_path() finds it)."""
+    import mlx.core as mx
+
+    return Path(os.environ.get("TMPDIR") or "/tmp") / "mlx" / mx.__version__ / "cpu"
+
+
+def remove_damaged_kernels(folder: Path | None = None) -> int:
+    """Remove every kernel in MLX's cache that is not a whole shared library (empty, cut short by a
+    full disk or a killed build), before MLX loads one: MLX builds it again. Returns how many."""
+    folder = folder or kernel_folder()
+    removed = 0
+    for library in folder.glob("*.so") if folder.is_dir() else ():
+        if not whole_elf(library):
+            library.unlink(missing_ok=True)
+            removed += 1
+    return removed
+
+
+def whole_elf(path: Path) -> bool:
+    """Whether `path` is an ELF file at least as long as its header says (its section headers, which
+    the linker writes last, lie inside it)."""
+    try:
+        with open(path, "rb") as f:
+            header = f.read(64)
+            size = os.fstat(f.fileno()).st_size
+    except OSError:
+        return False
+    if len(header) < 64 or header[:4] != b"\x7fELF" or header[4] != 2:  # 64-bit ELF, as on x86-64 and aarch64
+        return False
+    order = "little" if header[5] == 1 else "big"
+    section_table = int.from_bytes(header[0x28:0x30], order)
+    entry, count = int.from_bytes(header[0x3A:0x3C], order), int.from_bytes(header[0x3C:0x3E], order)
+    program_table = int.from_bytes(header[0x20:0x28], order)
+    program_entry, program_count = int.from_bytes(header[0x36:0x38], order), int.from_bytes(header[0x38:0x3A], order)
+    return size >= max(section_table + entry * count, program_table + program_entry * program_count)
+
+
+def explain(error: BaseException) -> str | None:
+    """One line for a failure from outside (memory, the disk, MLX's compiler and kernel cache), or
+    None for an exception that is a bug of this program's own."""
+    if isinstance(error, MemoryError):
+        return "out of memory: close other programs, or use a smaller --batch-size (or --dim, --context)"
+    if isinstance(error, OSError):
+        where = f" {error.filename}" if error.filename else ""
+        fix = "free disk space" if error.errno in (errno.ENOSPC, errno.EDQUOT) else "check the path and its permissions"
+        return f"cannot use{where} ({error.strerror or error}): {fix}"
+    if not isinstance(error, RuntimeError):
+        return None
+    first = (str(error).strip().splitlines() or [type(error).__name__])[0][:300]
+    if "Compile" in first or "shared library" in first or "compile" in first:
+        folder = kernel_folder()
+        return (
+            f"mx.compile could not build or load a CPU kernel in {folder} ({first}): check that g++ works and "
+            f"that the disk has room; if it persists, remove {folder} (MLX rebuilds it), or run with --no-compile"
+        )
+    if "alloc" in first.lower() or "memory" in first.lower():
+        return f"out of memory ({first}): use a smaller --batch-size (or --dim, --context)"
+    return f"MLX failed: {first}"
