@@ -76,14 +76,15 @@ def main(argv=None):
             except (Stopped, *USER_ERRORS):
                 raise
             except Exception as e:
-                if interrupts.signal is not None:  # what the stop broke (a kernel build it killed, say)
-                    saved = checkpoint.last_good(config and config.checkpoint_dir)
-                    broken = failures.explain(e) or type(e).__name__
-                    raise interrupts.stop_here(f"while running, which broke off: {broken}{saved}") from None
+                last = checkpoint.last_good(config and config.checkpoint_dir)
+                if last:
+                    last += f": continue with {resume_command(typed)}"
+                if interrupts.signal is not None:  # what the stop cut short (a kernel build it killed, say)
+                    raise interrupts.stop_here(f"while MLX was working, which it cut short{last}") from None
                 reason = failures.explain(e)
                 if reason is None:
                     raise
-                raise OutsideError(reason + checkpoint.last_good(config and config.checkpoint_dir)) from None
+                raise OutsideError(reason + last) from None
     except USER_ERRORS as e:
         rank = mx.distributed.init().rank() if mx.distributed.is_available() else 0
         print(f"train.py: error{f' (rank {rank})' if rank else ''}: {e}", file=sys.stderr)

@@ -256,6 +256,23 @@ def damage(ckpt, how):
         header[name]["shape"] = [10**9 // 4]
         text = json.dumps(header).encode()
         raw = bytearray(len(text).to_bytes(8, "little")) + text + raw[header_end:]
+    elif how == "a header of impossible size":
+        raw[:8] = (2**60).to_bytes(8, "little")
+    elif how == "an array of the wrong size":  # a shape that does not match its bytes
+        name = next(k for k in header if k != "__metadata__")
+        header[name]["shape"] = [2 * d for d in header[name]["shape"]]
+        text = json.dumps(header).encode()
+        raw = bytearray(len(text).to_bytes(8, "little")) + text + raw[header_end:]
+    elif how in ("an edited run state", "an older format, not finite"):
+        arrays, metadata = mx.load(str(path), return_metadata=True)
+        run_state = json.loads(metadata["run_state"])
+        if how == "an edited run state":  # arrays and their checksums intact
+            metadata["run_state"] = json.dumps({**run_state, "step": run_state["step"] + 5}, indent=1, sort_keys=True)
+        else:  # format 2 stored no checksums: its arrays are checked finite instead
+            arrays["model.head.weight"] = mx.full(arrays["model.head.weight"].shape, float("nan"))
+            metadata = {"run_state": json.dumps({**run_state, "format": 2}, indent=1, sort_keys=True)}
+        mx.save_safetensors(str(path), arrays, metadata=metadata)
+        return
     else:  # arrays re-saved consistently, checksums and all, but not this model's
         arrays, metadata = mx.load(str(path), return_metadata=True)
         name = "model.head.weight"
@@ -271,8 +288,9 @@ def damage(ckpt, how):
     path.write_bytes(bytes(raw))
 
 
-DAMAGE = ["random bytes", "a zeroed block", "cut short", "a header that lies", "a missing array", "a wrong shape",
-          "a wrong dtype"]  # fmt: skip
+BYTES_DAMAGED = ["random bytes", "a zeroed block", "cut short", "a header that lies", "a header of impossible size",
+                 "an array of the wrong size", "an edited run state", "an older format, not finite"]  # fmt: skip
+DAMAGE = [*BYTES_DAMAGED, "a missing array", "a wrong shape", "a wrong dtype"]
 
 
 @pytest.mark.parametrize("how", DAMAGE)
@@ -285,7 +303,7 @@ def test_a_damaged_checkpoint_is_one_line_and_never_loaded(tmp_path, mnist_dir, 
     error = fails(capsys, [*base, "--steps", "6", "--resume"])
     assert str(ckpt / "checkpoint.safetensors") in error, error
     assert snapshot(tmp_path) == before
-    if how in DAMAGE[:4]:  # bytes damaged: never called the last good checkpoint
+    if how in BYTES_DAMAGED:  # never called the last good checkpoint
         assert checkpoint.last_good(ckpt) == ""
     train.main([*base, "--steps", "2", "--overwrite"])  # starts over, whatever the old one holds
     assert json.loads((ckpt / "checkpoint.json").read_text())["step"] == 2

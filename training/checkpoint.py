@@ -10,7 +10,9 @@ Data-parallel processes hold equal weights and optimizer state, so only rank 0 w
 on several machines, --checkpoint-dir must be a folder they all see.
 """
 
+import contextlib
 import dataclasses
+import errno
 import fcntl
 import json
 import math
@@ -79,6 +81,7 @@ def claim(directory, resume: bool, overwrite: bool, log_file=None):
         raise CheckpointError(
             f"no checkpoint in {directory}: drop --resume, or point --checkpoint-dir at a run's folder"
         )
+    _refuse_foreign_files(directory, resume or overwrite, log_file)  # before the lock adds a file of ours
     try:
         directory.mkdir(parents=True, exist_ok=True)
         lock = open(directory / ".lock", "a+")
@@ -98,15 +101,6 @@ def claim(directory, resume: bool, overwrite: bool, log_file=None):
     try:
         for stale in TEMPORARY:  # a save that was killed halfway; the lock says it is over
             (directory / stale).unlink(missing_ok=True)
-        log = Path(log_file).resolve() if log_file else None
-        own = {*FILES, ".lock", *([log.name] if log and log.parent == directory.resolve() else [])}
-        foreign = sorted(entry.name for entry in directory.iterdir() if entry.name not in own)
-        if foreign and not resume and not overwrite:
-            shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
-            raise CheckpointError(
-                f"--checkpoint-dir {directory} holds files this program did not write ({shown}): use a new or empty "
-                "folder, or --overwrite (which replaces only this program's own files)"
-            )
         exists = (directory / FILES[0]).exists()
         if exists and not resume and not overwrite:
             raise CheckpointError(
@@ -121,11 +115,32 @@ def claim(directory, resume: bool, overwrite: bool, log_file=None):
         lock.write(f"pid {os.getpid()}\n")
         lock.flush()
     except (CheckpointError, OSError) as e:
-        lock.close()  # refused: the folder stays free
+        with contextlib.suppress(OSError):  # refused: the folder stays free (a full disk fails the close too)
+            lock.close()
         if isinstance(e, OSError):
-            raise CheckpointError(f"cannot use --checkpoint-dir {directory} ({e.strerror})") from None
+            raise CheckpointError(f"cannot use --checkpoint-dir {directory} ({e.strerror}): {_fix(e)}") from None
         raise
     return lock
+
+
+def _refuse_foreign_files(directory: Path, allowed: bool, log_file):
+    """CheckpointError when `directory` holds anything but this program's files and the run's own log,
+    unless `allowed` (a resume, which writes only its own files, or --overwrite, which replaces only those)."""
+    if allowed or not directory.is_dir():
+        return
+    log = Path(log_file).resolve() if log_file else None
+    own = {*FILES, ".lock", *TEMPORARY, *([log.name] if log and log.parent == directory.resolve() else [])}
+    foreign = sorted(entry.name for entry in directory.iterdir() if entry.name not in own)
+    if foreign:
+        shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
+        raise CheckpointError(
+            f"--checkpoint-dir {directory} holds files this program did not write ({shown}): use a new or empty "
+            "folder, or --overwrite (which replaces only this program's own files)"
+        )
+
+
+def _fix(error: OSError) -> str:
+    return "free disk space" if error.errno in (errno.ENOSPC, errno.EDQUOT) else "choose a writable folder"
 
 
 def retire(directory):
@@ -139,12 +154,17 @@ def retire(directory):
 
 
 def _saved_run_state(path: Path):
-    """The run state's JSON text in a safetensors file's header, read without its arrays (or None)."""
+    """The run state's JSON text in a safetensors file's header, read without its arrays, if its
+    checksum proves it whole (else None)."""
     try:
         with open(path, "rb") as f:
-            header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
-        return header["__metadata__"]["run_state"]
-    except (OSError, ValueError, KeyError, TypeError):
+            length = int.from_bytes(f.read(8), "little")
+            if not 0 < length <= min(path.stat().st_size, LARGEST_HEADER):
+                return None
+            metadata = json.loads(f.read(length))["__metadata__"]
+        text = metadata["run_state"]
+        return text if metadata["run_state_crc32"] == str(zlib.crc32(text.encode())) else None
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return None
 
 

@@ -55,10 +55,12 @@ def guard_streams(lost):
         except OSError:
             null = os.open(os.devnull, os.O_RDWR)
             if null != fd:
-                os.dup2(null, fd)
+                os.dup2(null, fd)  # inheritable, as a standard stream is: children get it too
                 os.close(null)
-        if getattr(sys, name) is None:
-            setattr(sys, name, open(fd, "r" if fd == 0 else "w", closefd=False))
+            os.set_inheritable(fd, True)
+        if getattr(sys, name) is None:  # closed when Python started: whatever holds its number now is a library's
+            os.set_inheritable(fd, False)  # so a program started from here gets it closed, not as its stream
+            setattr(sys, name, open(os.devnull, "r" if fd == 0 else "w"))
     for name in ("stdout", "stderr"):
         if not isinstance(getattr(sys, name), GuardedStream):
             setattr(sys, name, GuardedStream(getattr(sys, name), name, lost))
@@ -67,7 +69,10 @@ def guard_streams(lost):
 def lost_stream_reason(name: str, error: OSError) -> str:
     if error.errno == errno.EPIPE:
         return f"its standard {name[3:]}put was closed"
-    return f"its standard {name[3:]}put cannot be written ({error.strerror})"
+    return (
+        f"its standard {name[3:]}put cannot be written ({error.strerror}): send it to a file that can be, or to "
+        "/dev/null"
+    )
 
 
 def kernel_folder() -> Path:

@@ -92,5 +92,5 @@ class Interrupts:
         return self
 
     def __exit__(self, *exception):
-        for s, handler in self.previous.items():
-            signal.signal(s, handler)
+        for s, handler in self.previous.items():  # after a stop the process ends: later signals change nothing
+            signal.signal(s, handler if self.signal is None else signal.SIG_IGN)

@@ -56,9 +56,9 @@ def number(kind, low=None, high=None, low_open=False, high_open=False):
             raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
         if kind is float and not math.isfinite(value):
             raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
-        if kind is float and abs(value) > FLOAT32.max:
+        if kind is float and abs(value) > float(FLOAT32.max):
             raise argparse.ArgumentTypeError(f"must be finite in float32 (at most {FLOAT32.max:.3g}), got {text}")
-        if kind is float and 0 < abs(value) < FLOAT32.tiny:
+        if kind is float and 0 < abs(value) < float(FLOAT32.tiny):
             smallest = f"{'' if low == 0 and low_open else '0 or '}at least {FLOAT32.tiny:.3g}"
             raise argparse.ArgumentTypeError(f"is 0 or subnormal in float32, MLX's dtype: use {smallest}, got {text}")
         too_low = low is not None and (value <= low if low_open else value < low)
@@ -78,7 +78,7 @@ def number(kind, low=None, high=None, low_open=False, high_open=False):
 POSITIVE_INT = number(int, 0, LARGEST, low_open=True)
 COUNT = number(int, 0, LARGEST)
 POSITIVE = number(float, 0, low_open=True)
-NON_NEGATIVE = number(float, 0)
+REGULARISER = number(float, 0, 10)  # stronger pulls every weight to 0 within a few steps
 FRACTION = number(float, 0, 1, high_open=True)
 SEED = number(int, 0, 2**63 - 1)  # mx.random.seed takes an unsigned 64-bit value
 
@@ -157,7 +157,7 @@ class Applies:
 
     def refuse(self, flags, config):
         allowed = ", ".join(self.values[:-1]) + (" or " if len(self.values) > 1 else "") + self.values[-1]
-        return f"{flags} is an option of --{self.by} {allowed}, not {getattr(config, self.by)}"
+        return f"{flags} is an option of {BY_NAME[self.by].flags} {allowed}, not {getattr(config, self.by)}"
 
 
 @dataclass(frozen=True)
@@ -223,11 +223,15 @@ OPTIONS = [
            "first step's", POSITIVE, PerRecipe(("model", "optimizer"), LEARNING_RATES)),
     Option("--eps", "recipe", "epsilon of adagrad, adagrad-da, adam, adamw, in (0, 1] (default: the optimizer's, "
            "1e-8)", number(float, 0, 1, low_open=True), applies=(EPSILON,)),
-    Option("--initial-accumulator-value", "recipe", "adagrad: v starts here", NON_NEGATIVE, 0.0, applies=(ADAGRAD,)),
-    Option("--lr-decay", "recipe", "adagrad: lr / (1 + (t-1) lr_decay)", NON_NEGATIVE, 0.0, applies=(ADAGRAD,)),
-    Option("--weight-decay", "recipe", "adagrad, sgd: L2 on g; adamw: decoupled", NON_NEGATIVE, 0.0, applies=(DECAY,)),
-    Option("--l1", "recipe", "adagrad: proximal L1; adagrad-da: its L1", NON_NEGATIVE, 0.0, applies=(PROXIMAL,)),
-    Option("--l2", "recipe", "adagrad, adagrad-da: proximal L2", NON_NEGATIVE, 0.0, applies=(PROXIMAL,)),
+    Option("--initial-accumulator-value", "recipe", "adagrad: v starts here, in [0, 1e6]", number(float, 0, 1e6), 0.0,
+           applies=(ADAGRAD,)),
+    Option("--lr-decay", "recipe", "adagrad: lr / (1 + (t-1) lr_decay), in [0, 1]", number(float, 0, 1), 0.0,
+           applies=(ADAGRAD,)),
+    Option("--weight-decay", "recipe", "adagrad, sgd: L2 on g; adamw: decoupled; in [0, 10]", REGULARISER, 0.0,
+           applies=(DECAY,)),
+    Option("--l1", "recipe", "adagrad: proximal L1; adagrad-da: its L1; in [0, 10]", REGULARISER, 0.0,
+           applies=(PROXIMAL,)),
+    Option("--l2", "recipe", "adagrad, adagrad-da: proximal L2, in [0, 10]", REGULARISER, 0.0, applies=(PROXIMAL,)),
     Option("--rowwise-embeddings", "recipe", "adagrad: one accumulator per embedding row", flag=True,
            applies=(LM, ADAGRAD)),
     Option("--sparse-embeddings", "recipe", "adagrad, lm: update only the input embedding rows a batch looked up "
