@@ -168,7 +168,7 @@ def main(argv=None):
         print(f"| {r['mode']} | {r['dtype']} | {r['optimizer']} | {loss} | {r['not_finite']:,} of {r['trained']:,} |")
     for mode in ("lora", "full"):
         print(
-            f"{mode}, float32: the two optimizers' losses and weights are bit for bit equal: {float32_equal(rows, mode)}"
+            f"{mode}, float32: both optimizers' losses and weights are bit for bit equal: {float32_equal(rows, mode)}"
         )
     print(f"LoRA resumed from saved adapters and optimizer state equals the uninterrupted run: "
           f"{resume_matches(args.steps // 2, args.lr)}")  # fmt: skip
