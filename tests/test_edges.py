@@ -143,10 +143,14 @@ def path_cases(tmp):
         (["--task", "lm", "--dataset", f"{tmp}/corpus.txt", "--cache-dir", f"{tmp}/file"], "--cache-dir"),
         (["--reproduce", f"{tmp}/folder"], f"--reproduce {tmp}/folder is a folder, not a file"),
         (["--reproduce", f"{tmp}/fifo"], f"--reproduce {tmp}/fifo is a FIFO, not a file"),
+        (
+            ["--log-file", f"{tmp}/run", "--checkpoint-dir", f"{tmp}/run"],
+            f"--log-file {tmp}/run is the --checkpoint-dir",
+        ),
     ]
 
 
-@pytest.mark.parametrize("case", range(17))
+@pytest.mark.parametrize("case", range(18))
 def test_every_path_is_checked_before_any_work(tmp_path, data, capsys, case):
     args, message = path_cases(tmp_path)[case]
     before = snapshot(tmp_path)

@@ -10,8 +10,9 @@ import stat
 from pathlib import Path
 
 from data.text import DATASETS
+from training.checkpoint import FILES
 
-CHECKPOINT_FILES = ("checkpoint.safetensors", "checkpoint.json", ".lock")
+CHECKPOINT_FILES = (*FILES, ".lock")
 
 
 class PathError(Exception):
@@ -123,6 +124,8 @@ def log_file(path: Path, checkpoint_dir, dataset):
         raise PathError(f"--log-file {path} is a {found}, not a file: name a file")
     _parent_is_a_folder(path, "--log-file")
     target = path.resolve()
+    if checkpoint_dir is not None and target == Path(checkpoint_dir).resolve():
+        raise PathError(f"--log-file {path} is the --checkpoint-dir: name a file of its own")
     if target.name in CHECKPOINT_FILES or (target.parent / CHECKPOINT_FILES[0]).exists():
         if checkpoint_dir is None or target.parent != Path(checkpoint_dir).resolve() or target.name in CHECKPOINT_FILES:
             raise PathError(
