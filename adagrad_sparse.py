@@ -13,6 +13,7 @@ these two methods; everything else about it is Adagrad's.
 """
 
 from collections.abc import Callable
+from typing import Protocol
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -24,8 +25,10 @@ class SparseAdagrad(Adagrad):
     """adagrad.Adagrad that also updates embedding tables row by row (``init_rows``, ``update_rows``)."""
 
     def init_rows(self, model: nn.Module, path: str):
-        """Create the state of the table at `path` (a frozen SparseEmbedding's weight, which
-        ``init(model.trainable_parameters())`` skips). Call it before compiling, as ``init``."""
+        """Freeze the table at `path` (an embedding's weight: its gradient comes as the looked-up
+        rows', not densely) and create its state, which ``init(model.trainable_parameters())`` then
+        skips. Call it before compiling, as ``init``."""
+        _branch(model, path).freeze(keys=[path.rsplit(".", 1)[-1]], recurse=False)
         table = _get(model, path)
         state = _branch(self.state, path)
         key = path.rsplit(".", 1)[-1]
@@ -206,6 +209,28 @@ class SparseEmbedding(nn.Embedding):
             return x
         ids, _ = _in_table(x.reshape(-1), self.weight.shape[0], "SparseEmbedding")
         return self.weight[ids].reshape(*x.shape, self.weight.shape[-1])
+
+
+class SparseInputs(Protocol):
+    """A model whose input tables the sparse step updates: it names the tables by their paths, and
+    for a batch of inputs the rows each table looks up; it runs from those rows (a tuple, in the
+    order of the tables) as it runs from its inputs."""
+
+    def input_tables(self) -> list: ...
+
+    def input_ids(self, inputs) -> dict: ...
+
+
+def lookup_rows(model: nn.Module, ids: dict) -> tuple:
+    """The rows of each table that ``ids`` ({table path: ids}, as ``SparseInputs.input_ids`` gives)
+    names, one array per table, never read outside a table (MLX's gather does not check):
+    IndexError eagerly, under mx.compile an id outside reads a row inside."""
+    rows = []
+    for path, table_ids in ids.items():
+        table = _get(model, path)
+        checked, _ = _in_table(table_ids.reshape(-1), table.shape[0], "lookup_rows")
+        rows.append(table[checked].reshape(*table_ids.shape, table.shape[-1]))
+    return tuple(rows)
 
 
 def sparse_value_and_grad(model: nn.Module, fn: Callable):

@@ -21,10 +21,10 @@ import os
 import platform
 import shlex
 import sys
+import tempfile
 import time
 import uuid
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 
 import mlx.core as mx
@@ -34,15 +34,18 @@ from tqdm import tqdm
 
 from data import DataError
 from models import ops as model_ops
-from training import checkpoint, cpu_tuning, failures, options, paths, reproduce, tasks
+from recipes import lm, mnist
+from training import checkpoint, cpu_tuning, failures, optimizers, options, paths, reproduce
 from training.checkpoint import CheckpointError, RunState
 from training.failures import OutsideError
 from training.interrupts import Interrupts, Stopped, resume_command
 from training.options import DIVERGED, OptionError
 from training.paths import PathError
 from training.reproduce import RecordError
-from training.runlog import JsonlLog, LogError
-from training.step import learning_rate, make_optimizer, shard, training_step
+from training.runlog import JsonlLog, LogError, say
+from training.step import shard, training_step
+
+RECIPES = {"mnist": mnist.MNIST, "lm": lm.LanguageModel}
 
 
 class Diverged(Exception):
@@ -67,7 +70,7 @@ def main(argv=None):
                 tuning = cpu_tuning.enable(config.cpu_tuning == "on", config.device, restart=argv is None)
                 failures.remove_damaged_kernels()
                 if config.reproduce:
-                    code = reproduce.rerun(config, partial(train, tuning=tuning, interrupts=interrupts, resume=""))
+                    code = rerun(config, tuning, interrupts)
                     sys.stdout.flush()
                     sys.exit(code)
                 trained = train(config, command, tuning, interrupts, resume_command(typed))
@@ -102,6 +105,18 @@ def use_device(device):
             "mlx[cuda12] or mlx[cuda13], on a Mac plain mlx), or use --device cpu"
         )
     mx.set_default_device(mx.gpu if device == "gpu" else mx.cpu)
+
+
+def rerun(config, tuning, interrupts) -> int:
+    """--reproduce LOG: rerun the first --reproduce-steps steps of the run LOG records and compare
+    what the two logged (training/reproduce.py); 0 if they match, else 1."""
+    with tempfile.TemporaryDirectory() as folder:
+        rerun_log = Path(folder) / "rerun.jsonl"
+        rerun_config, header, recorded = reproduce.prepare(config, rerun_log)
+        train(rerun_config, f"python train.py --reproduce {config.reproduce}", tuning, interrupts, resume="")
+        if mx.distributed.init().rank() > 0:  # rank 0 wrote the log and compares
+            return 0
+        return reproduce.judge(header, recorded, rerun_log, config.reproduce_steps)
 
 
 def train(config, command, tuning, interrupts, resume):
@@ -149,15 +164,10 @@ class Run:
     def elapsed(self):
         return time.perf_counter() - self.started
 
-    def say(self, *text):
-        if self.group.rank() == 0:
-            print(*text)
-
 
 def run(config, command, resume, tuning, group, log, interrupts):
     """Build the task, optimizer and step, start or resume, train, report."""
     rank, world = group.rank(), group.size()
-    say = print if rank == 0 else (lambda *_: None)
     cpu_tuning.set_blas_threads(config.blas_threads)
     ops = model_ops.for_device(config.device, config.stock_ops)
     blas_threads = f", {threads(cpu_tuning.blas_threads())} of BLAS" if cpu_tuning.blas_threads() > 1 else ""
@@ -166,17 +176,15 @@ def run(config, command, resume, tuning, group, log, interrupts):
     if tuning["hint"]:
         say(f"note: {tuning['hint']}")
     mx.random.seed(config.seed)
-    task = (tasks.setup_mnist if config.task == "mnist" else tasks.setup_lm)(config, ops)
+    task = RECIPES[config.task](config, ops)
+    task.check_memory(config.batch_size)
     model, schedule_steps = task.model, config.epochs * task.batches.per_epoch
     if config.warmup >= schedule_steps:
         raise OptionError(
             f"--warmup {config.warmup} is not shorter than the run's {schedule_steps} steps: give a smaller --warmup "
             f"(say {schedule_steps // 10}) or more --epochs"
         )
-    optimizer = make_optimizer(config, learning_rate(config, schedule_steps), model)
-    optimizer.init(model.trainable_parameters())
-    for path in model.input_tables() if config.sparse_embeddings else []:
-        optimizer.init_rows(model, path)
+    optimizer = optimizers.build(config, model, schedule_steps)
     say(
         f"{config.optimizer}: optimizer state {sum(v.nbytes for _, v in tree_flatten(optimizer.state)) / 2**20:.2f} "
         f"MiB for {sum(v.size for _, v in tree_flatten(model.parameters())):,} parameters"
@@ -191,11 +199,9 @@ def run(config, command, resume, tuning, group, log, interrupts):
         return model, optimizer
     # The compiled step captures these objects: build it only after init and any resume.
     arrays = [model.state, optimizer.state, mx.random.state]
-    step = training_step(
-        model, optimizer, task.token_losses, task.augment, config.streams, world, config.sparse_embeddings, ops
-    )
+    step = training_step(model, optimizer, task.loss, config.streams, world, config.sparse_embeddings)
     if not config.no_compile:
-        step = partial(mx.compile, inputs=arrays, outputs=arrays)(step)
+        step = mx.compile(step, inputs=arrays, outputs=arrays)
     with interrupts.deferred(world):
         started = time.perf_counter() - state.elapsed_s
         fixed = Run(
@@ -220,10 +226,7 @@ def start_or_resume(config, model, optimizer, header, log, rank):
     identity = {k: v for k, v in header["config"].items() if k in options.IDENTITY or k == "world_size"}
     state = checkpoint.load(config.checkpoint_dir, model, optimizer, identity, header["content"], rank)
     log.resume(state.log_lines, {**header, "run_id": state.run_id})
-    if rank == 0:
-        print(
-            f"resumed from {config.checkpoint_dir} at step {state.step} (epoch {state.epoch + 1}, batch {state.batch})"
-        )
+    say(f"resumed from {config.checkpoint_dir} at step {state.step} (epoch {state.epoch + 1}, batch {state.batch})")
     return state
 
 
@@ -238,7 +241,7 @@ def train_loop(run, state):
         with progress_bar(run, state) as bar:
             for batch in bar:
                 take_step(run, state, batch)
-                seen += run.task.per_batch(batch)
+                seen += run.task.count(batch)
                 if state.step % config.log_every == 0:
                     log_loss(run, state, seen / (time.perf_counter() - tic), bar)
                 ends = state.batch == batches.per_epoch or state.step == run.total_steps
@@ -251,12 +254,11 @@ def train_loop(run, state):
                     break
         trained_epoch, rate = state.epoch + 1, f", {seen / (time.perf_counter() - tic):.0f} {run.task.unit}/s"
         evaluating = evaluates(run, state)
-        if state.batch == batches.per_epoch:
-            state.epoch, state.batch, state.window = state.epoch + 1, 0, []
+        state.roll_over(batches.per_epoch)
         if evaluating:
             evaluate(run, state, trained_epoch, rate)
-        elif run.group.rank() == 0:
-            print(epoch_line(state, trained_epoch, rate))
+        else:
+            say(epoch_line(state, trained_epoch, rate))
         if run.interrupts.stopped():
             stop(run, state)
     if config.checkpoint_dir:
@@ -353,9 +355,9 @@ def report(run):
     if run.config.l1:
         weights = [v for _, v in tree_flatten(run.model.trainable_parameters())]
         zeros, size = sum((v == 0).sum().item() for v in weights), sum(v.size for v in weights)
-        run.say(f"L1: {zeros:,} of {size:,} weights are exactly zero ({100 * zeros / size:.1f}%)")
+        say(f"L1: {zeros:,} of {size:,} weights are exactly zero ({100 * zeros / size:.1f}%)")
     if run.config.task == "lm" and run.config.sample:
-        run.say(run.task.sample(run.model, run.config.sample, run.config.temperature))
+        say(run.task.sample(run.model, run.config.sample, run.config.temperature))
 
 
 def threads(count):

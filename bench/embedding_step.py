@@ -43,8 +43,8 @@ import numpy as np  # noqa: E402
 import adagrad_sparse  # noqa: E402
 from adagrad import Adagrad  # noqa: E402
 from adagrad_sparse import SparseAdagrad, SparseEmbedding  # noqa: E402
+from recipes import available_memory  # noqa: E402
 from training import cpu_tuning  # noqa: E402
-from training.tasks import available_memory  # noqa: E402
 
 
 class Table(nn.Module):

@@ -72,11 +72,13 @@ def mlx_stepper(model_name, images, labels, compiled, threads, streams=1):
     optimizer.init(model.trainable_parameters())
     state = [model.state, optimizer.state, mx.random.state]
     x, y, scale = mx.array(images), mx.array(labels), mx.array(1 / labels.size, mx.float32)
-    if model_name in VOCAB:  # train.py's losses: the transformer's own, MLX's cross-entropy for MNIST
-        token_losses = lambda model, x, y: model.nll(x, y)  # noqa: E731
-    else:
-        token_losses = lambda model, x, y: nn.losses.cross_entropy(model(x), y, reduction="none")  # noqa: E731
-    step = training_step(model, optimizer, token_losses, lambda x: x, streams)  # train.py's step
+
+    # train.py's losses (recipes/): the transformer's own, MLX's cross-entropy for MNIST
+    def loss(model, x, y, scale):
+        losses = model.nll(x, y) if model_name in VOCAB else nn.losses.cross_entropy(model(x), y, reduction="none")
+        return losses.sum() * scale
+
+    step = training_step(model, optimizer, loss, streams)  # train.py's step
     if compiled:
         step = mx.compile(step, inputs=state, outputs=state)
 

@@ -66,7 +66,7 @@ def read_idx(path: Path, magic: int, ndim: int) -> np.ndarray:
 def load(dataset: str, data_dir: Path, verify: bool = True) -> dict:
     """Return {"train_images": (60000, 28, 28, 1) uint8, "train_labels": (60000,) int32, "test_...": ...}."""
     if dataset not in SHA256:
-        raise DataError(f"unknown image dataset {dataset!r}: choose one of {', '.join(SHA256)}")
+        raise DataError(f"--dataset {dataset} is not an image dataset: choose {', '.join(SHA256)} (or --task lm)")
     files = ensure_files(
         Path(data_dir) / dataset, {FILES[k]: SHA256[dataset][k] for k in FILES}, MIRRORS[dataset], verify
     )

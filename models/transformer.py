@@ -3,7 +3,6 @@ import math
 import mlx.core as mx
 import mlx.nn as nn
 
-from adagrad_sparse import SparseEmbedding
 from models.dense import Dense
 from models.ops import STOCK, Ops
 
@@ -110,9 +109,8 @@ class Transformer(nn.Module):
     ones (STOCK) or those written for its CPU kernels (CPU). Same parameters either way.
     hash_buckets > 0 adds to each token's input vector a row of a table of that many rows, chosen
     by hashing the token with the one before it (hashed bigram features): a large table of which
-    a batch uses few rows. sparse_embedding=True makes the input tables adagrad_sparse.SparseEmbedding
-    tables (updated only where a batch looked them up, by SparseAdagrad.update_rows); a frozen table
-    cannot be tied, so it needs tied=False: the output then has a (vocab, dim) table of its own.
+    a batch uses few rows. tied=False gives the output a (vocab, dim) table of its own.
+    The model runs from token ids or from its input tables' rows, looked up for input_ids(tokens).
     """
 
     def __init__(
@@ -127,15 +125,10 @@ class Transformer(nn.Module):
         softmax: str = "full",
         ops: Ops = STOCK,
         tied: bool = True,
-        sparse_embedding: bool = False,
         hash_buckets: int = 0,
     ):
         super().__init__()
-        if dim % heads:
-            raise ValueError(f"dim {dim} is not divisible by heads {heads}")
-        if sparse_embedding and tied:
-            raise ValueError("a sparse embedding table cannot be tied to the output layer: pass tied=False")
-        self.embedding = SparseEmbedding(vocab_size, dim) if sparse_embedding else nn.Embedding(vocab_size, dim)
+        self.embedding = nn.Embedding(vocab_size, dim)
         if positions == "learned":
             self.position_embedding = nn.Embedding(context, dim)
         self.blocks = [Block(dim, heads, dropout, positions == "rope", ops) for _ in range(layers)]
@@ -149,35 +142,36 @@ class Transformer(nn.Module):
             self.output = nn.Embedding(vocab_size, dim)
             self.output.weight = 0.02 * mx.random.normal(self.output.weight.shape)
         if hash_buckets:
-            self.bigrams = SparseEmbedding(hash_buckets, dim) if sparse_embedding else nn.Embedding(hash_buckets, dim)
+            self.bigrams = nn.Embedding(hash_buckets, dim)
             self.bigrams.weight = mx.zeros(self.bigrams.weight.shape)  # starts as the model without it
 
-    def input_tables(self):
-        """The paths of the input embedding tables, in the order of input_ids and lookups."""
+    def input_tables(self) -> list:
+        """The paths of the input embedding tables: the keys of input_ids."""
         return ["embedding.weight"] + (["bigrams.weight"] if "bigrams" in self else [])
 
-    def input_ids(self, tokens):
-        """The rows each input table looks up for `tokens` (batch, length): the tokens themselves, and
-        for the bigram table a hash of each token and the one before it (0 before the first)."""
-        ids = [tokens]
+    def input_ids(self, tokens) -> dict:
+        """The rows each input table looks up for `tokens` (batch, length), by the table's path: the
+        tokens themselves, and for the bigram table a hash of each token and the one before it (0
+        before the first)."""
+        ids = {"embedding.weight": tokens}
         if "bigrams" in self:
             previous = mx.concatenate([mx.zeros_like(tokens[:, :1]), tokens[:, :-1]], axis=1)
             pair = previous.astype(mx.uint32) * 1000003 + tokens.astype(mx.uint32)  # wraps around 2^32
-            ids.append((pair % self.bigrams.weight.shape[0]).astype(mx.int32))
+            ids["bigrams.weight"] = (pair % self.bigrams.weight.shape[0]).astype(mx.int32)
         return ids
 
-    def lookups(self, tokens):
-        """The input tables' rows for `tokens`, one array each (a sparse step differentiates these)."""
+    def lookup(self, tokens) -> tuple:
+        """The input tables' rows for `tokens`, one array per table, in the order of input_ids."""
         tables = [self.embedding] + ([self.bigrams] if "bigrams" in self else [])
-        return tuple(table(ids) for table, ids in zip(tables, self.input_ids(tokens)))
+        return tuple(table(ids) for table, ids in zip(tables, self.input_ids(tokens).values()))
 
     def words(self):
         """The output layer's word vectors, (vocab, dim)."""
         return (self.output if "output" in self else self.embedding).weight
 
     def features(self, tokens):
-        """tokens: (batch, length) ids, or the tuple lookups(ids) gave."""
-        rows = tokens if isinstance(tokens, tuple) else self.lookups(tokens)
+        """tokens: (batch, length) ids, or the tuple of rows lookup(ids) gives."""
+        rows = tokens if isinstance(tokens, tuple) else self.lookup(tokens)
         x = sum(rows[1:], rows[0])
         if "position_embedding" in self:
             x = x + self.position_embedding(mx.arange(x.shape[1]))

@@ -4,7 +4,6 @@ sets are found where train.py looks for them: $MLX_ADAGRAD_DATA, else the downlo
 
 import pytest
 
-from data import default_data_dir
 from training import cpu_tuning
 
 cpu_tuning.enable(cpu_tuning.default_on())
@@ -15,8 +14,10 @@ def real_data():
     """real_data(dataset) -> the data folder train.py uses, if it holds `dataset`; else the test is
     skipped, saying where the data set was looked for."""
 
+    from training import options  # after cpu_tuning.enable, since it imports mlx.core
+
     def folder(dataset):
-        root = default_data_dir()
+        root = options.complete({}).data_dir
         if not (root / dataset).is_dir():
             pytest.skip(
                 f"real {dataset} not found in {root} (train.py's data folder: set MLX_ADAGRAD_DATA, or run "

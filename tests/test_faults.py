@@ -23,6 +23,7 @@ import train
 from tests.test_lm import make_text
 from tests.test_mnist import write_small_mnist
 from training import checkpoint
+from training.checkpoint import RunState
 
 REPO = Path(__file__).parents[1]
 SMALL = ["--batch-size", "32", "--epochs", "2", "--log-every", "1", "--verify-data", "off"]
@@ -492,6 +493,18 @@ def assert_same_run(log, ckpt, uninterrupted):
     assert got[1:] == records[1:], "the resumed log differs from the uninterrupted one"
     final = final_state(ckpt)
     assert final.keys() == arrays.keys() and all(mx.array_equal(final[k], arrays[k]) for k in final)
+
+
+def test_a_state_saved_at_an_epochs_end_is_the_state_the_loop_goes_on_from():
+    """After an epoch's last batch the loop starts the next epoch and drops the losses not yet logged;
+    a checkpoint taken just before (a stop signal there, say) must hold that state, or the resumed
+    run's next logged mean would include losses the uninterrupted run never logs."""
+    at_the_end = RunState(step=10, epoch=0, batch=5, window=[1.0, 2.0])
+    saved = RunState.from_json(at_the_end.to_json(batches_per_epoch=5))
+    at_the_end.roll_over(5)
+    assert saved == at_the_end and (saved.epoch, saved.batch, saved.window) == (1, 0, [])
+    mid_epoch = RunState(step=8, epoch=0, batch=3, window=[1.0])
+    assert RunState.from_json(mid_epoch.to_json(batches_per_epoch=5)) == mid_epoch
 
 
 @pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])

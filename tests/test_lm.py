@@ -15,7 +15,8 @@ from data import DataError, text
 from models.cpu_ops import causal_attention, softmax_cross_entropy
 from models.ops import CPU
 from models.transformer import ClassSoftmax
-from training import options, tasks
+from recipes import lm
+from training import options
 
 TINY_MODEL = [
     "--verify-data",
@@ -290,7 +291,7 @@ def test_by_frequency_and_the_sampled_text_go_through_the_renumbered_vocabulary(
         (ptb / f"ptb.{split}.txt").write_text(ptb_like(seed=len(split)))
     args = options.parse([*TINY_MODEL[:-2], "--dataset", "ptb", "--data-dir", str(tmp_path)])
     assert args.softmax == "class"  # the default for a word vocabulary
-    task = tasks.setup_lm(args, CPU)
+    task = lm.LanguageModel(args, CPU)
     assert np.all(np.diff(np.bincount(task.batches.tokens)) <= 0)  # the model sees ids numbered by frequency
     counts = {}
     for word in (ptb / "ptb.train.txt").read_text().replace("\n", " \n ").split(" "):
@@ -325,7 +326,7 @@ def test_metrics_by_hand_on_a_uniform_model(tmp_path):
             str(tmp_path / "cache"),
         ]
     )
-    task = tasks.setup_lm(args, CPU)
+    task = lm.LanguageModel(args, CPU)
     vocab = task.model.embedding.weight.shape[0]
 
     class Uniform(nn.Module):
@@ -358,7 +359,7 @@ def test_word_level_ptb_perplexity_is_the_exponential_of_the_token_loss(tmp_path
             str(tmp_path),  # [:-2]: no --vocab-size
         ]
     )
-    task = tasks.setup_lm(args, CPU)
+    task = lm.LanguageModel(args, CPU)
     metrics, _ = task.evaluate(task.model, final=True)
     for split in ("val", "test"):
         assert metrics[f"{split}_word_ppl"] == pytest.approx(math.exp(metrics[f"{split}_loss"]), rel=1e-12)
@@ -520,29 +521,18 @@ def test_rowwise_embeddings_keep_one_accumulator_per_token(tmp_path, corpus):
     assert "optimizer.embedding.weight.v" not in saved and any(k.endswith(".v") for k in saved)  # the rest stays dense
 
 
-@pytest.mark.parametrize(
-    "argv, vocab",
-    [
-        (["--task", "mnist"], None),
-        (["--task", "mnist", "--model", "cnn"], None),
-        (["--task", "lm"], 1024),
-        (["--task", "lm", "--dataset", "ptb"], 10261),
-        (["--task", "lm", "--untied", "--positions", "learned", "--hash-buckets", "77"], 300),
-        (["--task", "lm", "--sparse-embeddings", "--layers", "1"], 300),
-    ],
-)
-def test_the_memory_estimate_counts_the_parameters_of_the_model_it_precedes(argv, vocab):
-    """check_memory runs before the model is built, from the options alone: its count must be the model's."""
-    from mlx.utils import tree_flatten
+def test_the_memory_check_counts_the_built_model_and_refuses_what_does_not_fit(tmp_path, corpus, monkeypatch):
+    """The estimate counts the parameters of the model as built (16 bytes each: the weight, its
+    gradient, state and update), and a step that needs more than there is stops before training."""
+    import recipes
 
-    from models.cnn import CNN
-    from models.mlp import MLP
-    from models.transformer import Transformer
+    def recipe(*extra):
+        argv = [*TINY_MODEL, "--dataset", str(corpus), "--cache-dir", str(tmp_path / "cache"), *extra]
+        return lm.LanguageModel(options.parse(argv), CPU)
 
-    c = options.parse(argv)
-    if c.task == "mnist":
-        model = MLP() if c.model == "mlp" else CNN()
-    else:
-        model = Transformer(vocab, c.context, c.layers, c.dim, c.heads, 0.0, c.positions, c.softmax, tied=not c.untied,
-                            sparse_embedding=c.sparse_embeddings, hash_buckets=c.hash_buckets)  # fmt: skip
-    assert tasks.parameter_count(c, vocab) == sum(v.size for _, v in tree_flatten(model.parameters()))
+    plain, hashed = recipe(), recipe("--hash-buckets", "77")
+    assert hashed.step_bytes(8) - plain.step_bytes(8) == 16 * 77 * hashed.model.bigrams.weight.shape[1]
+    monkeypatch.setattr(recipes, "available_memory", lambda: plain.step_bytes(8))
+    plain.check_memory(8)  # exactly enough
+    with pytest.raises(DataError, match=r"--batch-size 9 needs about .* use a smaller --batch-size"):
+        plain.check_memory(9)

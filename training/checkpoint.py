@@ -56,12 +56,17 @@ class RunState:
     log_lines: int = 0  # lines of the log written by then
     elapsed_s: float = 0.0  # training time so far, across resumes
 
+    def roll_over(self, batches_per_epoch: int):
+        """Once an epoch's last batch is done, stand at the start of the next; an epoch logs only its
+        own losses, so those not yet logged are dropped."""
+        if self.batch == batches_per_epoch:
+            self.epoch, self.batch, self.window = self.epoch + 1, 0, []
+
     def to_json(self, batches_per_epoch: int) -> dict:
         """As saved: an epoch whose last batch is done is saved as the start of the next."""
-        saved = dataclasses.asdict(self)
-        if self.batch == batches_per_epoch:
-            saved.update(epoch=self.epoch + 1, batch=0)
-        return saved
+        saved = dataclasses.replace(self, window=list(self.window))
+        saved.roll_over(batches_per_epoch)
+        return dataclasses.asdict(saved)
 
     @classmethod
     def from_json(cls, saved: dict):

@@ -5,6 +5,7 @@ identifies a run for --resume all derive from OPTIONS. Why the defaults: docs/de
 
 import argparse
 import math
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -12,7 +13,6 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
-from data import default_data_dir, mnist
 from training import cpu_tuning
 
 OPTIMIZERS = ["adagrad", "mlx-adagrad", "adagrad-da", "sgd", "adam", "adamw"]
@@ -106,7 +106,7 @@ class PerRecipe:
 
     by: tuple
     values: dict
-    otherwise: object = None
+    otherwise: object = None  # None: a combination the table lacks is an OptionError, not a silent None
 
     def __call__(self, config):
         value = self.values
@@ -114,6 +114,8 @@ class PerRecipe:
             if not isinstance(value, dict):
                 break
             if getattr(config, name) not in value:
+                if self.otherwise is None:
+                    raise LookupError(" ".join(f"{BY_NAME[n].flags} {getattr(config, n)}" for n in self.by))
                 return self.otherwise
             value = value[getattr(config, name)]
         return value
@@ -139,6 +141,10 @@ class FromEnvironment:
 
     def __str__(self):
         return self.text
+
+
+def default_data_dir() -> Path:
+    return Path(os.environ.get("MLX_ADAGRAD_DATA") or Path.home() / ".cache" / "mlx-adagrad")
 
 
 def default_device() -> str:
@@ -267,8 +273,8 @@ OPTIONS = [
            PerRecipe(("tokenizer",), {"word": "class"}, "full"), choices=("full", "class"), applies=(LM,)),
     # How to run: a checkpoint resumes under other values of these.
     Option("--steps", "run", "stop after this many steps in all (the schedule spans --epochs)", POSITIVE_INT),
-    Option("--data-dir", "run", "where the data sets are (default: $MLX_ADAGRAD_DATA, else ~/.cache/mlx-adagrad)",
-           path),
+    Option("--data-dir", "run", "where the data sets are", path,
+           FromEnvironment("$MLX_ADAGRAD_DATA, else ~/.cache/mlx-adagrad", default_data_dir)),
     Option("--verify-data", "run", "check local data files against the originals' sha256 (off: train on your own "
            "files of the same names)", text, "on", choices=("on", "off")),
     Option("--cache-dir", "run", "where trained bpe and unigram tokenizers are kept", path,
@@ -340,10 +346,12 @@ def complete(values: dict, given: bool = False):
     config = argparse.Namespace(**{option.dest: values.get(option.dest) for option in OPTIONS})
     for option in OPTIONS:
         if getattr(config, option.dest) is None:
-            default = option.default(config) if callable(option.default) else option.default
+            try:
+                default = option.default(config) if callable(option.default) else option.default
+            except LookupError as e:
+                raise OptionError(f"{option.flags} has no default for {e.args[0]}: give {option.flags}") from None
             setattr(config, option.dest, False if option.flag else default)
     config.untied = config.untied or config.sparse_embeddings  # a frozen sparse table cannot be tied to the output
-    config.data_dir = config.data_dir or default_data_dir()
     if given:
         set_here = [option for option in OPTIONS if values.get(option.dest) not in (None, False)]
         for option in set_here:
@@ -365,10 +373,6 @@ def complete(values: dict, given: bool = False):
 
 def check(config):
     """OptionError for values that cannot work together."""
-    if config.task == "mnist" and config.dataset not in mnist.SHA256:
-        raise OptionError(
-            f"--dataset {config.dataset} is not an image dataset: choose {', '.join(mnist.SHA256)} (or --task lm)"
-        )
     if (config.task == "lm") != (config.model == "transformer"):
         raise OptionError(
             f"--model {config.model} does not fit --task {config.task}: mnist takes mlp or cnn, lm takes transformer"

@@ -9,12 +9,12 @@ rounds to the other sign moves its weight by 2 lr. curves/README.md has the meas
 import argparse
 import json
 import math
-import tempfile
 from pathlib import Path
 
 import mlx.core as mx
 
 from training import options
+from training.runlog import say
 
 CROSS_PLATFORM_RTOL = 3e-3
 COMPARED = ("loss", "lr")
@@ -132,40 +132,41 @@ def verdict(mismatches: list, recorded: dict, steps: int, exact: bool) -> str:
     return f"REPRODUCED: {values} logged values over {steps} steps match, {how}"
 
 
-def rerun(config, train) -> int:
-    """Rerun the first --reproduce-steps steps of the run config.reproduce records, with `train`
-    (train.py's), and compare its logged losses and learning rates: 0 if they match, else 1."""
+def prepare(config, rerun_log: Path) -> tuple:
+    """(the options of the rerun, the recorded log's header, its training records): the run that
+    config.reproduce records, for its first --reproduce-steps steps, logged to `rerun_log`."""
     log, steps = config.reproduce, config.reproduce_steps
     header, recorded = read_log(log, steps)
-    group = mx.distributed.init()
+    world = mx.distributed.init().size()
     recorded_world = header["config"].get("world_size", 1)
-    if recorded_world != group.size():
+    if recorded_world != world:
         raise RecordError(
-            f"{log} was recorded on {recorded_world} process(es), this is {group.size()}: "
+            f"{log} was recorded on {recorded_world} process(es), this is {world}: "
             f"run mlx.launch -n {recorded_world} -- python train.py --reproduce {log}"
         )
     recorded_config = {k: v for k, v in header["config"].items() if k != "world_size"}
     cache_dir = Path(recorded_config["cache_dir"]) if recorded_config.get("cache_dir") else None
-    with tempfile.TemporaryDirectory() as tmp:
-        rerun_log = Path(tmp) / "rerun.jsonl"
-        here = {name: getattr(config, name) for name in ("data_dir", "device", "stock_ops", "cpu_tuning")}
-        if config.verify_data == "off":  # else as the run recorded it
-            here["verify_data"] = "off"
-        rerun_config = options.complete(
-            {
-                **recorded_config,
-                **here,
-                "cache_dir": cache_dir if cache_dir and cache_dir.parent.exists() else None,
-                "steps": steps,
-                "log_file": rerun_log,
-                **dict.fromkeys(["checkpoint_dir", "resume", "overwrite", "sample", "reproduce"]),
-            }
-        )  # what an older log left to the defaults of its time is filled with today's
-        print(f"reproducing {log}: {header['command']} (first {steps} steps)")
-        train(rerun_config, f"python train.py --reproduce {log}")
-        if group.rank() > 0:  # rank 0 wrote the log and compares
-            return 0
-        lines = [json.loads(line) for line in rerun_log.read_text().splitlines()]
+    here = {name: getattr(config, name) for name in ("data_dir", "device", "stock_ops", "cpu_tuning")}
+    if config.verify_data == "off":  # else as the run recorded it
+        here["verify_data"] = "off"
+    rerun_config = options.complete(
+        {
+            **recorded_config,
+            **here,
+            "cache_dir": cache_dir if cache_dir and cache_dir.parent.exists() else None,
+            "steps": steps,
+            "log_file": rerun_log,
+            **dict.fromkeys(["checkpoint_dir", "resume", "overwrite", "sample", "reproduce"]),
+        }
+    )  # what an older log left to the defaults of its time is filled with today's
+    say(f"reproducing {log}: {header['command']} (first {steps} steps)")
+    return rerun_config, header, recorded
+
+
+def judge(header: dict, recorded: dict, rerun_log: Path, steps: int) -> int:
+    """Compare the rerun's logged losses and learning rates with the recorded ones, and say how they
+    compare: 0 if they match, else 1."""
+    lines = [json.loads(line) for line in Path(rerun_log).read_text().splitlines()]
     rerun_header, rerun_records = lines[0], {r["step"]: r for r in lines[1:] if "loss" in r}
     exact = same_machine(header, rerun_header)
     mismatches = compare(recorded, rerun_records, exact)

@@ -1,9 +1,18 @@
-"""The run's JSONL log: a header line, then one JSON object a line, each written whole or not at all."""
+"""What a run writes: its JSONL log (a header line, then one JSON object a line, each written whole or not
+at all), and the lines it prints (`say`)."""
 
 import fcntl
 import json
 import os
 from pathlib import Path
+
+import mlx.core as mx
+
+
+def say(*text):
+    """print, on the first process only: under mlx.launch the others stay quiet."""
+    if mx.distributed.init().rank() == 0:
+        print(*text)
 
 
 class LogError(Exception):

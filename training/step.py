@@ -1,71 +1,120 @@
-"""The optimizer and the training step train.py compiles: one update on one batch, on the default
-device, over several CPU streams (--streams) or processes (mlx.launch) as asked."""
+"""The training step train.py compiles: one optimizer update on one batch.
+
+plain_step is the step as MLX's examples write it. train.py uses it as it is unless asked for one
+of three additions, each a function below that the step is built from:
+
+    split_over_streams   --streams N (CPU): the batch's rows split over N CPU streams at once
+    averaged             under mlx.launch: the gradients averaged over the processes
+    sparse_gradients     --sparse-embeddings: the input tables' looked-up rows differentiated
+                         instead of the tables, and updated by SparseAdagrad.update_rows
+"""
 
 from functools import partial, reduce
 
 import mlx.core as mx
 import mlx.nn as nn
-import mlx.optimizers as optim
 import numpy as np
 from mlx.utils import tree_map
 
-from adagrad import Adagrad
-from adagrad_da import AdagradDA
-from adagrad_sparse import SparseAdagrad, sparse_value_and_grad
-from training.options import OptionError
+from adagrad_sparse import lookup_rows, sparse_value_and_grad
 
 
-def learning_rate(config, total_steps):
-    """--lr under --schedule over `total_steps`, after --warmup steps rising linearly from 0."""
-    if config.schedule == "constant" and not config.warmup:
-        return config.lr
-    main = (
-        optim.cosine_decay(config.lr, max(total_steps - config.warmup, 1))
-        if config.schedule == "cosine"
-        else lambda step: mx.array(config.lr, mx.float32)
-    )
-    if not config.warmup:
-        return main
-    return optim.join_schedules([optim.linear_schedule(0.0, config.lr, config.warmup), main], [config.warmup])
+def plain_step(model, optimizer, loss):
+    """step(inputs, targets, scale) -> loss: the gradient of loss(model, inputs, targets, scale)
+    with respect to the model's trainable parameters, applied by the optimizer."""
+    loss_and_grad = nn.value_and_grad(model, loss)
+
+    def step(inputs, targets, scale):
+        value, grads = loss_and_grad(model, inputs, targets, scale)
+        optimizer.update(model, grads)
+        return value
+
+    return step
 
 
-def embedding_tables(model):
-    """A predicate for Adagrad(rowwise=...): true for the weights of the model's nn.Embedding layers."""
-    paths = {f"{name}.weight" for name, module in model.named_modules() if isinstance(module, nn.Embedding)}
-    return lambda path, parameter: path in paths
+def training_step(model, optimizer, loss, streams: int = 1, world: int = 1, sparse: bool = False):
+    """plain_step, with the additions the options ask for (the same bits as plain_step without them)."""
+    if streams == 1 and world == 1 and not sparse:
+        return plain_step(model, optimizer, loss)
+    gradients = sparse_gradients(model, loss) if sparse else dense_gradients(model, loss)
+    if streams > 1:
+        gradients = split_over_streams(gradients, streams)
+    if world > 1:
+        gradients = averaged(gradients, world)
+
+    def step(inputs, targets, scale):
+        value, grads, rows = gradients(inputs, targets, scale)
+        optimizer.update(model, grads)
+        for path, (ids, row_grads) in rows.items():
+            optimizer.update_rows(model, path, ids, row_grads)
+        return value
+
+    return step
 
 
-def make_optimizer(config, lr, model):
-    """The --optimizer with its options; OptionError for values it refuses."""
-    eps = {} if config.eps is None else {"eps": config.eps}
-    try:
-        if config.optimizer == "adagrad":
-            return (SparseAdagrad if config.sparse_embeddings else Adagrad)(
-                lr,
-                initial_accumulator_value=config.initial_accumulator_value,
-                lr_decay=config.lr_decay,
-                weight_decay=config.weight_decay,
-                l1=config.l1,
-                l2=config.l2,
-                rowwise=embedding_tables(model) if config.rowwise_embeddings else None,
-                **eps,
-            )
-        if config.optimizer == "adagrad-da":
-            return AdagradDA(lr, l1=config.l1, l2=config.l2, **eps)
-        if config.optimizer == "mlx-adagrad":
-            return optim.Adagrad(lr, **eps)
-        if config.optimizer == "sgd":
-            return optim.SGD(lr, momentum=0.9, weight_decay=config.weight_decay)
-        if config.optimizer == "adam":
-            return optim.Adam(lr, **eps)
-        return optim.AdamW(lr, weight_decay=config.weight_decay, **eps)
-    except ValueError as e:
-        raise OptionError(f"--optimizer {config.optimizer}: {e}") from None
+def dense_gradients(model, loss):
+    """(inputs, targets, scale) -> (loss, gradients, {}): plain_step's gradient, with no table's rows."""
+    loss_and_grad = nn.value_and_grad(model, loss)
+
+    def gradients(inputs, targets, scale):
+        return (*loss_and_grad(model, inputs, targets, scale), {})
+
+    return gradients
 
 
-def batch_loss(model, inputs, targets, scale, token_losses):
-    """Summed cross-entropy times `scale` = 1 / (targets in the global batch): the batch mean on one process."""
-    return token_losses(model, inputs, targets).sum() * scale
+def sparse_gradients(model, loss):
+    """(inputs, targets, scale) -> (loss, gradients, {table path: (ids, row gradients)}).
+
+    The model's input tables (frozen by SparseAdagrad.init_rows) are looked up first, and the loss
+    is differentiated with respect to the rows it looked up (adagrad_sparse.sparse_value_and_grad)."""
+    loss_and_grad = sparse_value_and_grad(model, loss)
+
+    def gradients(inputs, targets, scale):
+        ids = model.input_ids(inputs)
+        value, grads, row_grads = loss_and_grad(lookup_rows(model, ids), targets, scale)
+        return value, grads, {path: (ids[path], g) for path, g in zip(ids, row_grads)}
+
+    return gradients
+
+
+def split_over_streams(gradients, streams: int):
+    """`gradients` on `streams` consecutive blocks of the batch's rows, each on a new CPU stream, whose
+    threads take their blocks forward and back at the same time; their losses and gradients added.
+
+    Each block's loss is its summed cross-entropy times the batch's `scale`, so the blocks' losses and
+    gradients add up to the batch's (in other last bits than one stream's)."""
+    cpu_streams = [mx.new_stream(mx.cpu) for _ in range(streams)]
+
+    def split(inputs, targets, scale):
+        parts = []
+        for stream, part_inputs, part_targets in zip(
+            cpu_streams, split_rows(inputs, streams), split_rows(targets, streams)
+        ):
+            with mx.stream(stream):
+                parts.append(gradients(part_inputs, part_targets, scale))
+        value = reduce(mx.add, [part[0] for part in parts])
+        grads = reduce(partial(tree_map, mx.add), [part[1] for part in parts])
+        rows = {
+            path: tuple(mx.concatenate(blocks) for blocks in zip(*[part[2][path] for part in parts]))
+            for path in parts[0][2]
+        }
+        return value, grads, rows
+
+    return split
+
+
+def averaged(gradients, world: int):
+    """`gradients` of this process's shard, averaged over the `world` processes (see shard), so that
+    every process applies the same update and the weights and optimizer state stay equal."""
+
+    def average(inputs, targets, scale):
+        value, grads, rows = gradients(inputs, targets, scale)
+        value, grads = mx.distributed.all_sum(value) / world, nn.average_gradients(grads)
+        gather = mx.distributed.all_gather
+        rows = {path: (gather(ids), gather(g) / world) for path, (ids, g) in rows.items()}
+        return value, grads, rows
+
+    return average
 
 
 def shard(batch, rank, world):
@@ -78,60 +127,6 @@ def shard(batch, rank, world):
     """
     inputs, targets = (np.array_split(a, world)[rank] for a in batch)
     return mx.array(inputs), mx.array(targets), mx.array(world / batch[1].size, mx.float32)
-
-
-def training_step(model, optimizer, token_losses, augment, streams=1, world=1, sparse_embedding=False, ops=None):
-    """step(inputs, targets, scale) -> loss: one optimizer update on a batch, on the default device.
-
-    With streams > 1 (CPU only), the batch's rows are split over that many new CPU streams, whose
-    threads take their parts forward and back at the same time. A part's loss is its summed
-    cross-entropy times `scale` (see shard), so the parts' losses and gradients add up to the
-    batch's; under mlx.launch the processes then average theirs.
-
-    With sparse_embedding (the model's input table an adagrad_sparse.SparseEmbedding), each part
-    looks its rows up first and differentiates them instead of the table; the processes gather
-    their ids and row gradients, and every one applies the same SparseAdagrad.update_rows (with the
-    scatter of `ops`, models/ops.py; None: the CPU's when the default device is a CPU).
-    """
-    loss_and_grad = nn.value_and_grad(model, batch_loss)
-    cpu_streams = [mx.new_stream(mx.cpu) for _ in range(streams)] if streams > 1 else []
-    cpu_pairs = None if ops is None else ops.scatter_pairs
-
-    def part_grads(inputs, targets, scale):
-        """(loss, gradients, the gradients of the input tables' looked-up rows or None) of one part."""
-        if sparse_embedding:
-            rows = model.lookups(inputs)
-            return sparse_value_and_grad(model, batch_loss)(rows, targets, scale, token_losses)
-        return (*loss_and_grad(model, augment(inputs), targets, scale, token_losses), None)
-
-    def forward_backward(inputs, targets, scale):
-        if not cpu_streams:
-            return part_grads(inputs, targets, scale)
-        parts = []
-        for stream, part_inputs, part_targets in zip(
-            cpu_streams, split_rows(inputs, streams), split_rows(targets, streams)
-        ):
-            with mx.stream(stream):
-                parts.append(part_grads(part_inputs, part_targets, scale))
-        loss = reduce(mx.add, [part[0] for part in parts])
-        grads = reduce(partial(tree_map, mx.add), [part[1] for part in parts])
-        row_grads = [mx.concatenate(table) for table in zip(*[part[2] for part in parts])] if sparse_embedding else None
-        return loss, grads, row_grads
-
-    def step(inputs, targets, scale):
-        loss, grads, row_grads = forward_backward(inputs, targets, scale)
-        if world > 1:  # every process applies the same averaged gradient, so weights and state stay equal
-            grads, loss = nn.average_gradients(grads), mx.distributed.all_sum(loss) / world
-            if sparse_embedding:
-                inputs = mx.distributed.all_gather(inputs)
-                row_grads = [mx.distributed.all_gather(g) / world for g in row_grads]
-        optimizer.update(model, grads)
-        if sparse_embedding:
-            for path, ids, g in zip(model.input_tables(), model.input_ids(inputs), row_grads):
-                optimizer.update_rows(model, path, ids, g, cpu_pairs=cpu_pairs)
-        return loss
-
-    return step
 
 
 def split_rows(array, parts):
