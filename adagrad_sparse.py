@@ -6,10 +6,11 @@ Copy it beside adagrad.py (it needs only ``mlx`` and that file)::
 
 MLX differentiates parameters densely: an nn.Embedding's gradient is a (rows, dim) array, mostly
 zeros, and the optimizer reads and writes the whole table and its state every step. Here the table
-is a frozen SparseEmbedding, the step differentiates the rows it looked up instead, and
+is frozen (``SparseAdagrad.init_rows``), the step differentiates the rows it looked up instead, and
 ``SparseAdagrad.update_rows`` applies them, bit for bit as the dense update would, at a cost set by
-the batch, not the table (see SparseEmbedding for the step). SparseAdagrad is adagrad.Adagrad with
-these two methods; everything else about it is Adagrad's.
+the batch, not the table. SparseAdagrad is adagrad.Adagrad with these two methods; everything else
+about it is Adagrad's. A model finds its rows with a SparseEmbedding layer (see it for the step), or,
+with several tables, by being a SparseInputs, whose rows ``lookup_rows`` looks up.
 """
 
 from collections.abc import Callable

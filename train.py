@@ -150,7 +150,7 @@ class Run:
     config: object
     command: str
     resume: str  # the command line that continues this run
-    task: object
+    recipe: object
     model: object
     optimizer: object
     step: object  # the (compiled) training step
@@ -166,7 +166,7 @@ class Run:
 
 
 def run(config, command, resume, tuning, group, log, interrupts):
-    """Build the task, optimizer and step, start or resume, train, report."""
+    """Build the recipe, optimizer and step, start or resume, train, report."""
     rank, world = group.rank(), group.size()
     cpu_tuning.set_blas_threads(config.blas_threads)
     ops = model_ops.for_device(config.device, config.stock_ops)
@@ -176,9 +176,9 @@ def run(config, command, resume, tuning, group, log, interrupts):
     if tuning["hint"]:
         say(f"note: {tuning['hint']}")
     mx.random.seed(config.seed)
-    task = RECIPES[config.task](config, ops)
-    task.check_memory(config.batch_size)
-    model, schedule_steps = task.model, config.epochs * task.batches.per_epoch
+    recipe = RECIPES[config.task](config, ops)
+    recipe.check_memory(config.batch_size)
+    model, schedule_steps = recipe.model, config.epochs * recipe.batches.per_epoch
     if config.warmup >= schedule_steps:
         raise OptionError(
             f"--warmup {config.warmup} is not shorter than the run's {schedule_steps} steps: give a smaller --warmup "
@@ -189,7 +189,7 @@ def run(config, command, resume, tuning, group, log, interrupts):
         f"{config.optimizer}: optimizer state {sum(v.nbytes for _, v in tree_flatten(optimizer.state)) / 2**20:.2f} "
         f"MiB for {sum(v.size for _, v in tree_flatten(model.parameters())):,} parameters"
     )
-    header = {**run_header(config, command, world, tuning, ops), "content": task.content}
+    header = {**run_header(config, command, world, tuning, ops), "content": recipe.content}
     if rank > 0:  # same initial weights on every process, but its own dropout and augmentation draws
         mx.random.seed(config.seed + rank)
     state = start_or_resume(config, model, optimizer, header, log, rank)
@@ -199,14 +199,13 @@ def run(config, command, resume, tuning, group, log, interrupts):
         return model, optimizer
     # The compiled step captures these objects: build it only after init and any resume.
     arrays = [model.state, optimizer.state, mx.random.state]
-    step = training_step(model, optimizer, task.loss, config.streams, world, config.sparse_embeddings)
+    step = training_step(model, optimizer, recipe.loss, config.streams, world, config.sparse_embeddings)
     if not config.no_compile:
         step = mx.compile(step, inputs=arrays, outputs=arrays)
     with interrupts.deferred(world):
         started = time.perf_counter() - state.elapsed_s
-        fixed = Run(
-            config, command, resume, task, model, optimizer, step, arrays, log, group, interrupts, total_steps, started
-        )
+        fixed = Run(config, command, resume, recipe, model, optimizer, step, arrays, log, group, interrupts,
+                    total_steps, started)  # fmt: skip
         model.train()
         try:
             train_loop(fixed, state)
@@ -232,7 +231,7 @@ def start_or_resume(config, model, optimizer, header, log, rank):
 
 def train_loop(run, state):
     """Train until --steps or --epochs, evaluating every --eval-every epochs; a stop signal saves and ends it."""
-    config, batches = run.config, run.task.batches
+    config, batches = run.config, run.recipe.batches
     if state.pending_eval is not None:  # the run was stopped before it evaluated
         evaluate(run, state, state.pending_eval)
         state.pending_eval = None
@@ -241,7 +240,7 @@ def train_loop(run, state):
         with progress_bar(run, state) as bar:
             for batch in bar:
                 take_step(run, state, batch)
-                seen += run.task.count(batch)
+                seen += run.recipe.count(batch)
                 if state.step % config.log_every == 0:
                     log_loss(run, state, seen / (time.perf_counter() - tic), bar)
                 ends = state.batch == batches.per_epoch or state.step == run.total_steps
@@ -252,7 +251,7 @@ def train_loop(run, state):
                     stop(run, state, pending_eval)
                 if ends:
                     break
-        trained_epoch, rate = state.epoch + 1, f", {seen / (time.perf_counter() - tic):.0f} {run.task.unit}/s"
+        trained_epoch, rate = state.epoch + 1, f", {seen / (time.perf_counter() - tic):.0f} {run.recipe.unit}/s"
         evaluating = evaluates(run, state)
         state.roll_over(batches.per_epoch)
         if evaluating:
@@ -273,9 +272,9 @@ def evaluates(run, state) -> bool:
 def progress_bar(run, state):
     """The epoch's batches behind a progress bar, on rank 0 and only on a terminal (a log file gets the
     epoch lines alone); its total is where this epoch ends, --steps included."""
-    per_epoch = run.task.batches.per_epoch
+    per_epoch = run.recipe.batches.per_epoch
     return tqdm(
-        run.task.batches.epoch(state.epoch, state.batch),
+        run.recipe.batches.epoch(state.epoch, state.batch),
         total=min(per_epoch, state.batch + run.total_steps - state.step),
         initial=state.batch,
         desc=f"epoch {state.epoch + 1}/{run.config.epochs}",
@@ -302,7 +301,7 @@ def take_step(run, state, batch):
 
 def log_loss(run, state, rate, bar):
     """Log the mean loss of the steps since the last log line, and the speed."""
-    unit = f"{run.task.unit}_per_s"
+    unit = f"{run.recipe.unit}_per_s"
     lr = run.optimizer.learning_rate.item()
     run.log.write({"step": state.step, "epoch": state.epoch + 1, "loss": sum(state.window) / len(state.window),
                    "lr": lr, unit: rate})  # fmt: skip
@@ -315,7 +314,7 @@ def evaluate(run, state, trained_epoch, rate=""):
     if run.group.rank() > 0:
         return
     run.model.eval()
-    metrics, summary = run.task.evaluate(run.model, final=state.step == run.total_steps)
+    metrics, summary = run.recipe.evaluate(run.model, final=state.step == run.total_steps)
     run.model.train()
     run.log.write({"step": state.step, "epoch": trained_epoch, **metrics, "elapsed_s": run.elapsed()})
     print(epoch_line(state, trained_epoch, f", {summary}{rate}"))
@@ -329,8 +328,8 @@ def epoch_line(state, trained_epoch, rest):
 def save(run, state, pending_eval=None):
     """Save the run where it stands (an epoch trained but not evaluated: `pending_eval`)."""
     saved = dataclasses.replace(state, pending_eval=pending_eval, log_lines=run.log.lines, elapsed_s=run.elapsed())
-    run_state = {**saved.to_json(run.task.batches.per_epoch), "config": config_record(run.config, run.group.size())}
-    run_state["content"] = run.task.content
+    run_state = {**saved.to_json(run.recipe.batches.per_epoch), "config": config_record(run.config, run.group.size())}
+    run_state["content"] = run.recipe.content
     checkpoint.save(run.config.checkpoint_dir, run.model, run.optimizer, run_state, run.group)
 
 
@@ -357,7 +356,7 @@ def report(run):
         zeros, size = sum((v == 0).sum().item() for v in weights), sum(v.size for v in weights)
         say(f"L1: {zeros:,} of {size:,} weights are exactly zero ({100 * zeros / size:.1f}%)")
     if run.config.task == "lm" and run.config.sample:
-        say(run.task.sample(run.model, run.config.sample, run.config.temperature))
+        say(run.recipe.sample(run.model, run.config.sample, run.config.temperature))
 
 
 def threads(count):

@@ -15,11 +15,10 @@ class Ops:
     attention: Callable  # (q, k, v, scale) -> causal attention
     cross_entropy: Callable  # (logits, targets) -> each target's loss
     conv_pool: Callable  # (ConvPool layer, images) -> max-pooled 3x3 convolution
-    scatter_pairs: bool  # adagrad_sparse's update_rows adds float32 pairs as complex64
 
 
-STOCK = Ops("MLX stock ops", stock_attention, stock_cross_entropy, stock_conv_pool, scatter_pairs=False)
-CPU = Ops("CPU formulations", causal_attention, softmax_cross_entropy, parity_conv_pool, scatter_pairs=True)
+STOCK = Ops("MLX stock ops", stock_attention, stock_cross_entropy, stock_conv_pool)
+CPU = Ops("CPU formulations", causal_attention, softmax_cross_entropy, parity_conv_pool)
 
 
 def for_device(device: str, stock: bool = False) -> Ops:

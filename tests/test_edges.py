@@ -24,7 +24,7 @@ from mlx.utils import tree_flatten, tree_unflatten
 import train
 from adagrad import Adagrad
 from adagrad_da import AdagradDA
-from adagrad_sparse import SparseAdagrad, SparseEmbedding
+from adagrad_sparse import SparseAdagrad, SparseEmbedding, lookup_rows
 from tests.test_faults import SMALL, fails, read_log, run_cli, snapshot, wait_for_lines
 from tests.test_lm import make_text
 from tests.test_mnist import write_small_mnist
@@ -421,6 +421,35 @@ def test_a_lookup_never_reads_outside_the_table():
     assert looked_up.shape == (2, 2, 4)
     assert mx.array_equal(looked_up[0, 0], table.weight[2]).item() and mx.array_equal(looked_up[1, 0], table.weight[5])
     assert all(any(mx.array_equal(row, r).item() for r in table.weight) for row in looked_up.reshape(-1, 4))
+
+
+class OneTable(nn.Module):
+    """adagrad_sparse.SparseInputs with one input table, whose rows are the tokens."""
+
+    def __init__(self):
+        super().__init__()
+        self.embedding = nn.Embedding(6, 4)
+
+    def input_tables(self):
+        return ["embedding.weight"]
+
+    def input_ids(self, tokens):
+        return {"embedding.weight": tokens}
+
+
+def test_init_rows_freezes_the_table_and_lookup_rows_never_reads_outside_it():
+    model, optimizer = OneTable(), SparseAdagrad(0.1)
+    optimizer.init_rows(model, "embedding.weight")
+    optimizer.init(model.trainable_parameters())
+    assert tree_flatten(model.trainable_parameters()) == []  # its gradient comes as rows, not densely
+    assert optimizer.state["embedding"]["weight"]["v"].shape == (6, 4)
+    with pytest.raises(IndexError, match="lookup_rows: id 6 is outside the table's 6 rows"):
+        lookup_rows(model, model.input_ids(mx.array([0, 6])))
+    (rows,) = mx.compile(lambda ids: lookup_rows(model, model.input_ids(ids)))(mx.array([[2, 10**6], [-1, -7]]))
+    weight = model.embedding.weight
+    assert rows.shape == (2, 2, 4)  # traced: ids cannot be read, so those outside read a row inside
+    assert mx.array_equal(rows[0, 0], weight[2]).item() and mx.array_equal(rows[1, 0], weight[5]).item()
+    assert all(any(mx.array_equal(row, r).item() for r in weight) for row in rows.reshape(-1, 4))
 
 
 def test_checkpoint_module_reads_a_header_before_allocating(tmp_path):

@@ -20,7 +20,7 @@ import pytest
 import train
 from data import DataError, mnist
 from data.download import ensure_file
-from training import checkpoint
+from training import checkpoint, options
 from training.step import split_rows
 
 
@@ -352,6 +352,19 @@ def test_bad_command_lines_give_one_line_errors(tmp_path, capsys, monkeypatch, a
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("train.py: error:")
     assert __import__("re").search(message, err[0])
+
+
+def test_a_recipe_without_a_default_is_refused_not_left_none(tmp_path, capsys, monkeypatch):
+    """A model or optimizer without a row in LEARNING_RATES gets one line asking for --lr."""
+    write_small_mnist(tmp_path)
+    monkeypatch.delitem(options.LEARNING_RATES["mlp"], "sgd")
+    with pytest.raises(SystemExit) as exit_:
+        train.main(["--data-dir", str(tmp_path), "--verify-data", "off", "--optimizer", "sgd"])
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err.strip() == (
+        "train.py: error: --lr has no default for --model mlp --optimizer sgd: give --lr"
+    )
+    assert options.parse(["--optimizer", "sgd", "--lr", "0.05"]).lr == 0.05
 
 
 def test_real_mnist_one_epoch(tmp_path, capsys, real_data):
