@@ -27,6 +27,7 @@ class Recipe:
     model: nn.Module
     batches: object
     content: dict  # digests of what it trains on (data, tokenizer): a checkpoint resumes only on the same
+    sizes = "the model"  # the options that size the model, for the memory check's message
 
     def losses(self, model, inputs, targets) -> mx.array:
         """Its own: each target's cross-entropy, -log p(target | inputs)."""
@@ -53,21 +54,29 @@ class Recipe:
         `scale`, which is 1 / (targets in the global batch), so on one process the batch mean."""
         return self.losses(model, self.augment(inputs), targets).sum() * scale
 
+    def model_bytes(self) -> int:
+        """The memory of the parameters, their gradients, optimizer state and update, all float32.
+        The model is built but not evaluated (MLX computes lazily), so its parameters are counted
+        before any is allocated."""
+        return 4 * 4 * sum(v.size for _, v in tree_flatten(self.model.parameters()))
+
     def step_bytes(self, batch_size: int) -> int:
-        """A rough estimate (within about 2x) of the memory a training step needs: the parameters,
-        their gradients, optimizer state and update, and each sample's activations and their
-        gradients, all float32. The model is built but not evaluated (MLX computes lazily), so its
-        parameters are counted before any is allocated."""
-        parameters = sum(v.size for _, v in tree_flatten(self.model.parameters()))
-        return 4 * (4 * parameters + 2 * batch_size * self.activations_per_sample())
+        """A rough estimate (within about 2x) of the memory a training step needs: model_bytes, and
+        each sample's float32 activations and their gradients."""
+        return self.model_bytes() + 4 * 2 * batch_size * self.activations_per_sample()
 
     def check_memory(self, batch_size: int):
-        """DataError when a training step would need more memory than there is."""
-        need, have = self.step_bytes(batch_size), available_memory()
-        if have is not None and need > have:
+        """DataError when a training step would need more memory than there is, naming what to shrink."""
+        have = available_memory()
+        if have is not None and self.model_bytes() > have:
             raise DataError(
-                f"--batch-size {batch_size} needs about {need / 2**30:.1f} GiB a step (an estimate), more than the "
-                f"{have / 2**30:.1f} GiB available: use a smaller --batch-size"
+                f"the model needs about {self.model_bytes() / 2**30:.1f} GiB with its gradients and optimizer state "
+                f"(an estimate), more than the {have / 2**30:.1f} GiB available: make {self.sizes} smaller"
+            )
+        if have is not None and self.step_bytes(batch_size) > have:
+            raise DataError(
+                f"--batch-size {batch_size} needs about {self.step_bytes(batch_size) / 2**30:.1f} GiB a step (an "
+                f"estimate), more than the {have / 2**30:.1f} GiB available: use a smaller --batch-size"
             )
 
 

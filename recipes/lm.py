@@ -22,6 +22,7 @@ class LanguageModel(Recipe):
     Metrics: nats per token (the loss), nats per character, and for PTB perplexity per word."""
 
     unit = "tokens"
+    sizes = "--dim, --layers, --vocab-size or --hash-buckets"
 
     def __init__(self, config, ops: Ops):
         self.context, self.seed, self.per_word = config.context, config.seed, config.dataset == "ptb"

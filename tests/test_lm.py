@@ -536,3 +536,6 @@ def test_the_memory_check_counts_the_built_model_and_refuses_what_does_not_fit(t
     plain.check_memory(8)  # exactly enough
     with pytest.raises(DataError, match=r"--batch-size 9 needs about .* use a smaller --batch-size"):
         plain.check_memory(9)
+    monkeypatch.setattr(recipes, "available_memory", lambda: plain.model_bytes() - 1)  # no batch fits
+    with pytest.raises(DataError, match=r"the model needs about .* make --dim, --layers, --vocab-size or --hash"):
+        plain.check_memory(1)
