@@ -63,10 +63,15 @@ def read_idx(path: Path, magic: int, ndim: int) -> np.ndarray:
     return np.frombuffer(raw, np.uint8, offset=header_bytes).reshape(shape).copy()
 
 
-def load(dataset: str, data_dir: Path, verify: bool = True) -> dict:
-    """Return {"train_images": (60000, 28, 28, 1) uint8, "train_labels": (60000,) int32, "test_...": ...}."""
+def check_name(dataset: str):
+    """DataError unless `dataset` is one of the image data sets."""
     if dataset not in SHA256:
         raise DataError(f"--dataset {dataset} is not an image dataset: choose {', '.join(SHA256)} (or --task lm)")
+
+
+def load(dataset: str, data_dir: Path, verify: bool = True) -> dict:
+    """Return {"train_images": (60000, 28, 28, 1) uint8, "train_labels": (60000,) int32, "test_...": ...}."""
+    check_name(dataset)
     files = ensure_files(
         Path(data_dir) / dataset, {FILES[k]: SHA256[dataset][k] for k in FILES}, MIRRORS[dataset], verify
     )

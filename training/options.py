@@ -255,7 +255,7 @@ OPTIONS = [
            PerRecipe(("model", "dataset"), {"mlp": 0.1, "cnn": 0.5, "transformer": {"ptb": 0.1}}, otherwise=0.0)),
     Option("--augment-shift", "mnist", "shift training images by up to N pixels", COUNT,
            PerRecipe(("model",), {"mlp": 1, "cnn": 2}, otherwise=0), applies=(MNIST,)),
-    Option("--layers", "lm", "transformer blocks, in [1, 1024] (each is built before the memory check)",
+    Option("--layers", "lm", "transformer blocks, in [1, 1024]",
            number(int, 1, 1024),
            PerRecipe(("dataset",), {"ptb": 2}, otherwise=4), applies=(LM,)),
     Option("--dim", "lm", "model width", POSITIVE_INT, 128, applies=(LM,)),

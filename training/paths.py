@@ -9,6 +9,7 @@ import os
 import stat
 from pathlib import Path
 
+from data import mnist
 from data.text import DATASETS
 from training.checkpoint import FILES
 
@@ -27,6 +28,8 @@ def check(config):
         existing_file(config.reproduce, "--reproduce")
     if config.task == "lm" and config.dataset not in DATASETS:
         text_source(config.dataset)
+    if config.task == "mnist":
+        mnist.check_name(config.dataset)
     if config.task == "mnist" or config.dataset in DATASETS:
         folder(config.data_dir, "--data-dir")
     if config.checkpoint_dir:
