@@ -35,15 +35,14 @@ from tqdm import tqdm
 from data import DataError
 from models import ops as model_ops
 from recipes import lm, mnist
-from training import checkpoint, cpu_tuning, failures, optimizers, options, paths, reproduce
+from training import checkpoint, cpu_tuning, options, paths, reproduce, stops
 from training.checkpoint import CheckpointError, RunState
-from training.failures import OutsideError
-from training.interrupts import Interrupts, Stopped, resume_command
 from training.options import DIVERGED, OptionError
 from training.paths import PathError
 from training.reproduce import RecordError
 from training.runlog import JsonlLog, LogError, say
-from training.step import shard, training_step
+from training.step import build_optimizer, shard, training_step
+from training.stops import Interrupts, OutsideError, Stopped, resume_command
 
 RECIPES = {"mnist": mnist.MNIST, "lm": lm.LanguageModel}
 
@@ -62,13 +61,13 @@ def main(argv=None):
     config = None
     try:
         with Interrupts() as interrupts:
-            failures.guard_streams(interrupts.lost_output)
+            stops.guard_streams(interrupts.lost_output)
             try:
                 config = options.parse(argv, __doc__)
                 paths.check(config)
                 use_device(config.device)
                 tuning = cpu_tuning.enable(config.cpu_tuning == "on", config.device, restart=argv is None)
-                failures.remove_damaged_kernels()
+                stops.remove_damaged_kernels()
                 if config.reproduce:
                     code = rerun(config, tuning, interrupts)
                     sys.stdout.flush()
@@ -84,7 +83,7 @@ def main(argv=None):
                     last += f": continue with {resume_command(typed)}"
                 if interrupts.signal is not None:  # what the stop cut short (a kernel build it killed, say)
                     raise interrupts.stop_here(f"while MLX was working, which it cut short{last}") from None
-                reason = failures.explain(e)
+                reason = stops.explain(e)
                 if reason is None:
                     raise
                 raise OutsideError(reason + last) from None
@@ -184,7 +183,7 @@ def run(config, command, resume, tuning, group, log, interrupts):
             f"--warmup {config.warmup} is not shorter than the run's {schedule_steps} steps: give a smaller --warmup "
             f"(say {schedule_steps // 10}) or more --epochs"
         )
-    optimizer = optimizers.build(config, model, schedule_steps)
+    optimizer = build_optimizer(config, model, schedule_steps)
     say(
         f"{config.optimizer}: optimizer state {sum(v.nbytes for _, v in tree_flatten(optimizer.state)) / 2**20:.2f} "
         f"MiB for {sum(v.size for _, v in tree_flatten(model.parameters())):,} parameters"

@@ -13,7 +13,7 @@ takes exp once a logit, not twice), and the class-factored softmax train.py uses
 (models/transformer.py, ClassSoftmax). The Tiny Shakespeare LM's training step and its parts on
 1,024 tokens (a layer norm, attention, MLP, a whole block, the output layer, the matmuls of one
 block), each forward and backward, beside PyTorch's. An Adagrad update with the
-gradient column-major (as MLX returns nn.Linear's) and row-major (models/dense.py's), and a sum
+gradient column-major (as MLX returns nn.Linear's) and row-major (models/ops.py::Dense's), and a sum
 over the last axis in MLX and in NumPy.
 Timed as bench/train_step.py times its variants: in turns, median.
 """
@@ -151,7 +151,7 @@ def block_matmuls(tokens=LM_BATCH * CONTEXT, dim=LM_DIM):
 
 def adagrad_update(column_major, shape=(784, 512)):
     """One Adagrad update of a weight whose gradient is row-major, or column-major as nn.Linear's comes
-    back from MLX (the transpose of x.T @ dy); models/dense.py stores weights so that it is row-major."""
+    back from MLX (the transpose of x.T @ dy); models/ops.py::Dense stores weights so that it is row-major."""
     optimizer, box = Adagrad(0.01), {"params": {"w": mx.random.normal(shape)}}
     grads = {"w": mx.random.normal(shape[::-1]).T if column_major else mx.random.normal(shape)}
     optimizer.init(box["params"])
@@ -257,7 +257,7 @@ def main():
             "LM matmuls of one block (qkv, projection, MLP; 1,024 tokens), forward + backward": block_matmuls(),
             **pytorch("LM matmuls", layer="lm matmuls"),
             "Adagrad update of a 784 x 512 weight, gradient column-major (nn.Linear's)": adagrad_update(True),
-            "Adagrad update of a 784 x 512 weight, gradient row-major (models/dense.py)": adagrad_update(False),
+            "Adagrad update of a 784 x 512 weight, gradient row-major (models/ops.py::Dense)": adagrad_update(False),
             "Sum over the last axis of 1,024 x 512, MLX": row_sum("mlx"),
             "Sum over the last axis of 1,024 x 512, NumPy": row_sum("numpy"),
         }

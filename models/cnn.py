@@ -2,8 +2,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from models.conv import ConvPool
-from models.dense import Dense
-from models.ops import STOCK
+from models.ops import STOCK, Dense
 
 
 class CNN(nn.Module):

@@ -1,7 +1,7 @@
 import mlx.core as mx
 import mlx.nn as nn
 
-from models.dense import Dense
+from models.ops import Dense
 
 
 class MLP(nn.Module):

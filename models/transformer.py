@@ -3,8 +3,7 @@ import math
 import mlx.core as mx
 import mlx.nn as nn
 
-from models.dense import Dense
-from models.ops import STOCK, Ops
+from models.ops import STOCK, Dense, Ops
 
 
 class Attention(nn.Module):

@@ -14,7 +14,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from training import cpu_blas, cpu_tuning
+from training import cpu_tuning
 
 REPO = Path(__file__).parents[1]
 MODULES = sorted(
@@ -110,7 +110,7 @@ def test_off_or_for_a_gpu_it_changes_nothing(tmp_path, how):
 
 def expected_blas():
     """What enable() should find here: the pip wheel (with a compiler), else a system OpenBLAS, else none."""
-    if cpu_blas._wheel_library() is not None and shutil.which("g++"):
+    if cpu_tuning._wheel_library() is not None and shutil.which("g++"):
         return "OpenBLAS", "scipy-openblas32"
     if HAS_OPENBLAS:
         return "OpenBLAS", "libopenblas"
@@ -138,7 +138,7 @@ def test_openblas_is_bound_before_mlx_or_after_a_restart(tmp_path):
         assert restarted[0] == first[0] and kept[0] == first[0]
 
 
-@pytest.mark.skipif(cpu_blas._wheel_library() is None, reason="scipy-openblas32 is not installed")
+@pytest.mark.skipif(cpu_tuning._wheel_library() is None, reason="scipy-openblas32 is not installed")
 def test_a_compiler_that_fails_leaves_mlx_as_it_comes_with_one_line(tmp_path):
     code = (
         "cpu_tuning._compiler = lambda: '/bin/false'; r = cpu_tuning.enable(); print(r['blas']); print(r['kernels'])\n"
@@ -150,7 +150,7 @@ def test_a_compiler_that_fails_leaves_mlx_as_it_comes_with_one_line(tmp_path):
     assert kernels.startswith("MLX's default flags") and values == str([[3.0, 3.0], [3.0, 3.0]])
 
 
-@pytest.mark.skipif(cpu_blas._wheel_library() is None, reason="scipy-openblas32 is not installed")
+@pytest.mark.skipif(cpu_tuning._wheel_library() is None, reason="scipy-openblas32 is not installed")
 def test_every_blas_and_lapack_function_libmlx_imports_is_forwarded():
     if shutil.which("nm") is None:
         pytest.skip("nm (binutils) is needed to read the libraries' symbols")
@@ -160,9 +160,9 @@ def test_every_blas_and_lapack_function_libmlx_imports_is_forwarded():
         result = subprocess.run(["nm", "-D", *flags, str(library)], capture_output=True, text=True, check=True)
         return {line.split()[-1] for line in result.stdout.splitlines() if line.strip()}
 
-    provided = {name.removeprefix("scipy_") for name in symbols(cpu_blas._wheel_library(), "--defined-only")}
+    provided = {name.removeprefix("scipy_") for name in symbols(cpu_tuning._wheel_library(), "--defined-only")}
     imported = symbols(libmlx, "--undefined-only") & provided
-    assert "cblas_sgemm" in imported and imported == set(cpu_blas.FORWARDED), imported ^ set(cpu_blas.FORWARDED)
+    assert "cblas_sgemm" in imported and imported == set(cpu_tuning.FORWARDED), imported ^ set(cpu_tuning.FORWARDED)
 
 
 @pytest.mark.skipif(not cpu_tuning.default_on(), reason="the tests run MLX as it comes (MLX_ADAGRAD_CPU_TUNING=off)")

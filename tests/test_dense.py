@@ -1,10 +1,10 @@
-"""models/dense.py: nn.Linear's function with its weight stored (in, out), so its gradient is row-major."""
+"""models/ops.py::Dense: nn.Linear's function with its weight stored (in, out), so its gradient is row-major."""
 
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from models.dense import Dense
+from models.ops import Dense
 
 
 def row_major(array):

@@ -1,7 +1,7 @@
 """Each kind of edge, checked where it lives and with several cases of its kind: signals
-(training/interrupts.py), paths (training/paths.py), a checkpoint folder's own files
+(training/stops.py), paths (training/paths.py), a checkpoint folder's own files
 (training/checkpoint.py), numbers (training/options.py and the optimizer files), options that cannot
-take effect (training/options.py), failures from outside (training/failures.py), ids of sparse updates
+take effect (training/options.py), failures from outside (training/stops.py), ids of sparse updates
 (adagrad_sparse.py). Every case: one line, its exit code, and every file a user had unchanged."""
 
 import errno
@@ -28,7 +28,7 @@ from adagrad_sparse import SparseAdagrad, SparseEmbedding, lookup_rows
 from tests.test_faults import SMALL, fails, read_log, run_cli, snapshot, wait_for_lines
 from tests.test_lm import make_text
 from tests.test_mnist import write_small_mnist
-from training import checkpoint, failures
+from training import checkpoint, stops
 
 
 @pytest.fixture
@@ -103,7 +103,7 @@ def test_a_group_signal_while_kernels_are_built_leaves_no_half_built_kernel(tmp_
     _, err = process.communicate(timeout=120)
     assert process.returncode == 128 + signal.SIGINT and one_line(err).startswith("train.py: stopped by SIGINT"), err
     kernels = list((tmp_path / "home").rglob("*.so")) + list((tmp_path / "tmp").rglob("*.so"))
-    assert kernels and all(failures.whole_elf(k) for k in kernels), [k for k in kernels if not failures.whole_elf(k)]
+    assert kernels and all(stops.whole_elf(k) for k in kernels), [k for k in kernels if not stops.whole_elf(k)]
     again = run_cli([*args, "--steps", "2", *(["--resume"] if (tmp_path / "ckpt/checkpoint.json").exists() else [])],
                     env=env)  # fmt: skip
     assert again.wait(timeout=300) == 0, again.communicate()
@@ -346,7 +346,7 @@ def test_damaged_kernels_in_mlxs_cache_are_rebuilt_before_they_are_loaded(tmp_pa
         kernel.write_bytes(damaged)
     done = subprocess.run(args, cwd=root, env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
-    assert all(failures.whole_elf(k) for k in tmp_path.rglob("*.so"))
+    assert all(stops.whole_elf(k) for k in tmp_path.rglob("*.so"))
 
 
 @pytest.mark.parametrize(
