@@ -40,10 +40,10 @@ from mlx.utils import tree_flatten
 _LOW_PRECISION = (mx.float16, mx.bfloat16)
 
 
-def _make_update(eps: float, weight_decay: float, eps_inside_sqrt: bool, l1: float, l2: float, rowwise: bool):
-    """The per-parameter update as two fused kernels, one writing v and one writing w."""
+def _make_update(eps, weight_decay, eps_inside_sqrt, l1, l2, momentum, rowwise: bool):
+    """The per-parameter update as fused kernels, one writing v, one w (and one m, with momentum)."""
 
-    def update(parameter, gradient, v, lr):
+    def update(parameter, gradient, v, lr, *m):
         dtype = v.dtype
         w = parameter.astype(dtype)
         g = gradient.astype(dtype)
@@ -62,9 +62,12 @@ def _make_update(eps: float, weight_decay: float, eps_inside_sqrt: bool, l1: flo
             step = lr / denominator
             u = w - step * g
             w = mx.sign(u) * mx.maximum(mx.abs(u) - step * l1, 0) / (1 + step * l2)
+        elif m:
+            m = (mx.contiguous(momentum * m[0] + (1 - momentum) * (g / denominator)),)
+            w = w - lr * m[0]
         else:
             w = w - lr * g / denominator
-        return w.astype(parameter.dtype), v
+        return w.astype(parameter.dtype), v, *m
 
     return mx.compile(update)
 
@@ -83,7 +86,9 @@ class Adagrad(Optimizer):
 
     With ``l1`` or ``l2`` the paper's proximal step instead, with ``a = lr_t / (sqrt(v) + eps)``:
     ``u = w - a g; w = sign(u) max(|u| - a l1, 0) / (1 + a l2)`` (exact zeros). Row-wise
-    parameters keep one accumulator per row: ``s += mean(g_row^2)``.
+    parameters keep one accumulator per row: ``s += mean(g_row^2)``. With ``momentum`` (heavy
+    ball on the Adagrad step, as ``jax.example_libraries.optimizers.adagrad(step_size, momentum)``):
+    ``m = momentum m + (1 - momentum) g / (sqrt(v) + eps); w -= lr_t m``, ``m`` starting at 0.
 
     [1]: Duchi, Hazan and Singer, "Adaptive Subgradient Methods for Online Learning and
     Stochastic Optimization", JMLR 12, 2011.
@@ -101,6 +106,8 @@ class Adagrad(Optimizer):
           bit for bit. Default: ``0``
         rowwise (callable, optional): predicate ``(path, parameter) -> bool`` choosing parameters
           of 2 or more dims to update row-wise (paths as ``tree_flatten`` gives them). Default: ``None``
+        momentum (float, optional): in [0, 1), heavy-ball momentum on the step (state ``m``); not with
+          ``l1`` or ``l2``. 0 keeps no ``m``, bit for bit the plain update. Default: ``0``
     """
 
     def __init__(
@@ -115,12 +122,13 @@ class Adagrad(Optimizer):
         l1: float = 0.0,
         l2: float = 0.0,
         rowwise: Callable[[str, mx.array], bool] | None = None,
+        momentum: float = 0.0,
     ):
         super().__init__()
         if not isinstance(state_dtype, mx.Dtype) or not mx.issubdtype(state_dtype, mx.floating):
             raise ValueError(f"Adagrad state_dtype must be a floating dtype, got {state_dtype}")
         hyper = dict(initial_accumulator_value=initial_accumulator_value, lr_decay=lr_decay)
-        hyper.update(weight_decay=weight_decay, l1=l1, l2=l2, eps=eps)
+        hyper.update(weight_decay=weight_decay, l1=l1, l2=l2, momentum=momentum, eps=eps)
         hyper = {name: _number(name, value, state_dtype) for name, value in hyper.items()}
         if not callable(learning_rate):
             _number("learning_rate", learning_rate, state_dtype)  # any sign, as MLX takes it
@@ -132,6 +140,10 @@ class Adagrad(Optimizer):
         for name, value in hyper.items():
             if name != "eps" and not value >= 0:
                 raise ValueError(f"Adagrad {name} must be finite and >= 0, got {value}")
+        if not hyper["momentum"] < 1:
+            raise ValueError(f"Adagrad momentum must be in [0, 1), got {momentum}")
+        if hyper["momentum"] and (hyper["l1"] or hyper["l2"]):
+            raise ValueError("Adagrad momentum has no proximal step: use l1 = l2 = 0 with it")
         eps, initial_accumulator_value, lr_decay = hyper["eps"], hyper["initial_accumulator_value"], hyper["lr_decay"]
         weight_decay, l1, l2 = hyper["weight_decay"], hyper["l1"], hyper["l2"]
 
@@ -142,11 +154,11 @@ class Adagrad(Optimizer):
         self.weight_decay = weight_decay
         self.eps_inside_sqrt = eps_inside_sqrt
         self.state_dtype = state_dtype
-        self.l1, self.l2, self.rowwise = l1, l2, rowwise
+        self.l1, self.l2, self.rowwise, self.momentum = l1, l2, rowwise, hyper["momentum"]
         self._update = self._make_updates()
 
     def _make_updates(self):
-        options = (self.eps, self.weight_decay, self.eps_inside_sqrt, self.l1, self.l2)
+        options = (self.eps, self.weight_decay, self.eps_inside_sqrt, self.l1, self.l2, self.momentum)
         return {row: _make_update(*options, row) for row in (False, True)}
 
     def __getstate__(self):
@@ -182,13 +194,20 @@ class Adagrad(Optimizer):
 
     def init_single(self, parameter: mx.array, state: dict):
         state["v"] = mx.full(parameter.shape, self.initial_accumulator_value, self._state_dtype(parameter))
+        if self.momentum:
+            state["m"] = mx.zeros(parameter.shape, self._state_dtype(parameter))
 
     def apply_single(self, gradient: mx.array, parameter: mx.array, state: dict):
         key, v = self._accumulator(state, parameter)
         expected = parameter.shape if key == "v" else (parameter.shape[0],) + (1,) * (parameter.ndim - 1)
         if v.shape != expected:  # a loaded state of another model: never broadcast it silently
             raise ValueError(f"Adagrad state {key} has shape {v.shape}, its parameter needs {expected}")
-        parameter, state[key] = self._update[key == "v_row"](parameter, gradient, v, self._step_lr())
+        m = ()
+        if self.momentum:  # a state saved without momentum starts its m at 0
+            m = (state["m"].astype(v.dtype) if "m" in state else mx.zeros(parameter.shape, v.dtype),)
+        parameter, state[key], *m = self._update[key == "v_row"](parameter, gradient, v, self._step_lr(), *m)
+        if m:
+            state["m"] = m[0]
         return parameter
 
     def _step_lr(self):

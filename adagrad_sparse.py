@@ -25,6 +25,11 @@ from adagrad import Adagrad, _get
 class SparseAdagrad(Adagrad):
     """adagrad.Adagrad that also updates embedding tables row by row (``init_rows``, ``update_rows``)."""
 
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        if self.momentum:  # a row's m changes every step, looked up or not: no update is sparse
+            raise ValueError("SparseAdagrad takes no momentum: its rows would all change every step")
+
     def init_rows(self, model: nn.Module, path: str):
         """Freeze the table at `path` (an embedding's weight: its gradient comes as the looked-up
         rows', not densely) and create its state, which ``init(model.trainable_parameters())`` then

@@ -312,3 +312,9 @@ def test_compiled_ids_outside_the_table_are_ignored_and_nothing_else_changes(opt
     all_outside_table, all_outside_v = after(outside, np.ones((4, DIM), np.float32))
     np.testing.assert_array_equal(all_outside_table, table)  # not even row 0, which they are pointed at
     np.testing.assert_array_equal(all_outside_v, 0)
+
+
+def test_momentum_is_refused_since_every_row_would_change_every_step():
+    with pytest.raises(ValueError, match="no momentum"):
+        SparseAdagrad(0.1, momentum=0.9)
+    assert SparseAdagrad(0.1, momentum=0.0).momentum == 0.0

@@ -1,4 +1,4 @@
-"""The paper's variants: proximal L1/L2 and row-wise Adagrad (adagrad.py), dual averaging (adagrad_da.py)."""
+"""The variants: proximal L1/L2, row-wise and heavy-ball Adagrad (adagrad.py), dual averaging (adagrad_da.py)."""
 
 from functools import partial
 
@@ -12,7 +12,7 @@ from adagrad import Adagrad
 from adagrad_da import AdagradDA
 from tests.test_adagrad import assert_trees_equal, gradient_sequence, nested_tree, run, train
 
-LR, EPS, L1, L2 = 0.1, 1e-8, 0.02, 0.05
+LR, EPS, L1, L2, MOMENTUM = 0.1, 1e-8, 0.02, 0.05, 0.9
 EMBEDDING = lambda path, p: path.startswith("embedding")  # noqa: E731 - the row-wise predicate of these tests
 
 # float32 against a float64 reference over 12 steps: a few float32 roundings per step.
@@ -26,7 +26,10 @@ def as_numpy(tree):
 def reference(kind, params, grads, l1=L1, l2=L2):
     """NumPy float64 transcription of each variant's formula (module docstrings), leaf by leaf."""
     w = as_numpy(params)
-    state = {k: {"v": np.zeros_like(x), "G": np.zeros_like(x), "s": np.zeros((x.shape[0], 1))} for k, x in w.items()}
+    state = {
+        k: {"v": np.zeros_like(x), "G": np.zeros_like(x), "m": np.zeros_like(x), "s": np.zeros((x.shape[0], 1))}
+        for k, x in w.items()
+    }
     for t, g_tree in enumerate(grads, start=1):
         for k, g in as_numpy(g_tree).items():
             st = state[k]
@@ -35,6 +38,10 @@ def reference(kind, params, grads, l1=L1, l2=L2):
                 a = LR / (np.sqrt(st["v"]) + EPS)
                 u = w[k] - a * g
                 w[k] = np.sign(u) * np.maximum(np.abs(u) - a * l1, 0) / (1 + a * l2)
+            elif kind == "momentum":
+                st["v"] += g * g
+                st["m"] = MOMENTUM * st["m"] + (1 - MOMENTUM) * g / (np.sqrt(st["v"]) + EPS)
+                w[k] = w[k] - LR * st["m"]
             elif kind == "rowwise" and EMBEDDING(k, g) and g.ndim == 2:
                 st["s"] += (g * g).mean(axis=1, keepdims=True)
                 w[k] = w[k] - LR * g / (np.sqrt(st["s"]) + EPS)
@@ -56,6 +63,7 @@ def reference(kind, params, grads, l1=L1, l2=L2):
 MAKE = {
     "proximal": lambda lr=LR, **kw: Adagrad(lr, l1=L1, l2=L2, **kw),
     "rowwise": lambda lr=LR, **kw: Adagrad(lr, rowwise=EMBEDDING, **kw),
+    "momentum": lambda lr=LR, **kw: Adagrad(lr, momentum=MOMENTUM, **kw),
     "da": lambda lr=LR, **kw: AdagradDA(lr, l1=L1, l2=L2, **kw),
 }
 
@@ -113,6 +121,40 @@ def test_rowwise_state_is_one_value_per_row_and_zero_gradient_rows_keep_it():
     v_row = np.array(optimizer.state["embedding"]["weight"]["v_row"]).ravel()
     assert v_row.tolist() == [2.0] * 3 + [0.0] * 8
     assert_trees_equal(params["embedding"]["weight"][3:], nested_tree(0)["embedding"]["weight"][3:])
+
+
+def test_momentum_zero_is_the_plain_update_and_keeps_no_state():
+    grads = gradient_sequence(12)
+    with_zero = Adagrad(LR, momentum=0.0)
+    assert_trees_equal(run(with_zero, nested_tree(0), grads), run(Adagrad(LR), nested_tree(0), grads))
+    assert all(not k.endswith(".m") for k, _ in tree_flatten(with_zero.state))
+
+
+def test_momentum_averages_the_adagrad_steps():
+    """One coordinate, gradient 1 every step: the Adagrad step is 1/sqrt(t) and m its running mean."""
+    optimizer = Adagrad(LR, momentum=MOMENTUM)
+    w, want, m = {"w": mx.zeros((1,))}, 0.0, 0.0
+    for t in range(1, 6):
+        w = optimizer.apply_gradients({"w": mx.ones((1,))}, w)
+        m = MOMENTUM * m + (1 - MOMENTUM) / (np.sqrt(t) + EPS)
+        want -= LR * m
+    # float32 against float64: a few roundings a step
+    np.testing.assert_allclose(np.array(optimizer.state["w"]["m"]), [m], rtol=1e-6)
+    np.testing.assert_allclose(np.array(w["w"]), [want], rtol=1e-6)
+    assert abs(want + LR * sum(1 / np.sqrt(np.arange(1, 6)))) > 0.1  # the plain update lands elsewhere
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"momentum": 1.0}, "momentum must be"),
+        ({"momentum": -0.1}, "momentum must be"),
+        ({"momentum": 0.9, "l1": 0.1}, "no proximal step"),
+    ],
+)
+def test_momentum_out_of_range_or_with_the_proximal_step_raises(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        Adagrad(LR, **kwargs)
 
 
 # ---------------------------------------------------------------------------------------
@@ -205,7 +247,7 @@ def test_bfloat16_accumulators_count_past_256(kind):
         w = optimizer.apply_gradients({"w": mx.ones((2, 2), mx.bfloat16)}, w)
         mx.eval(w, optimizer.state)
     state = optimizer.state["w"]
-    assert all((state[k] == 400).all().item() for k in state), state
+    assert all((state[k] == 400).all().item() for k in state if k != "m"), state  # m: a mean of steps, not a count
 
 
 @pytest.mark.parametrize("make, name", [(Adagrad, "l1"), (Adagrad, "l2"), (AdagradDA, "l1"), (AdagradDA, "l2")])

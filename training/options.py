@@ -233,6 +233,8 @@ OPTIONS = [
            applies=(ADAGRAD,)),
     Option("--lr-decay", "recipe", "adagrad: lr / (1 + (t-1) lr_decay), in [0, 1]", number(float, 0, 1), 0.0,
            applies=(ADAGRAD,)),
+    Option("--momentum", "recipe", "adagrad: heavy-ball momentum on its step, in [0, 1) (not with --l1, --l2, "
+           "--sparse-embeddings)", FRACTION, 0.0, applies=(ADAGRAD,)),
     Option("--weight-decay", "recipe", "adagrad, sgd: L2 on g; adamw: decoupled; in [0, 10]", REGULARISER, 0.0,
            applies=(DECAY,)),
     Option("--l1", "recipe", "adagrad: proximal L1; adagrad-da: its L1; in [0, 10]", REGULARISER, 0.0,
@@ -387,3 +389,7 @@ def check(config):
         )
     if config.resume and config.overwrite:
         raise OptionError("--resume continues a run and --overwrite starts it over: choose one")
+    if config.momentum and (config.l1 or config.l2 or config.sparse_embeddings):
+        raise OptionError(
+            "--momentum has no proximal or sparse step: drop --momentum, or --l1, --l2 and --sparse-embeddings"
+        )

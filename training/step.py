@@ -189,6 +189,7 @@ def make_optimizer(config, lr, model):
                 l1=config.l1,
                 l2=config.l2,
                 rowwise=embedding_tables(model) if config.rowwise_embeddings else None,
+                momentum=config.momentum,
                 **eps,
             )
         if config.optimizer == "adagrad-da":
