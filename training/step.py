@@ -145,6 +145,9 @@ def split_rows(array, parts):
     return mx.split(array, np.cumsum(sizes)[:-1].tolist())
 
 
+# The optimizer the step updates: --optimizer, its options and its schedule.
+
+
 def build_optimizer(config, model, schedule_steps: int):
     """The --optimizer for `model`, its learning rate scheduled over `schedule_steps`, its state created.
     With --sparse-embeddings, SparseAdagrad first freezes the model's input tables, which it then

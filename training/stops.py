@@ -103,6 +103,9 @@ class Interrupts:
             signal.signal(s, handler if self.signal is None else signal.SIG_IGN)
 
 
+# Failures from outside the program: the standard streams, MLX's kernel cache, memory, the disk.
+
+
 class OutsideError(Exception):
     """Something outside the program failed; the message names it and the fix."""
 
