@@ -103,7 +103,7 @@ BAD_LOGS = [  # (how the recorded log is damaged, a fragment of the one line)
     ("a dropout out of range", edit_header("dropout", 1.5), "records --dropout 1.5"),
     ("a flag that is not a bool", edit_header("resume", "yes"), "records --resume 'yes'"),
     ("a model this program lacks", edit_header("model", "resnet"), "records --model 'resnet', not one of"),
-    ("an option this program lacks", edit_header("momentum", 0.9), "options this train.py does not have (momentum)"),
+    ("an option this program lacks", edit_header("nesterov", True), "options this train.py does not have (nesterov)"),
     ("a process count that is text", edit_header("world_size", "two"), "world_size 'two'"),
 ]
 
