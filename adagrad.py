@@ -140,8 +140,9 @@ class Adagrad(Optimizer):
         for name, value in hyper.items():
             if name != "eps" and not value >= 0:
                 raise ValueError(f"Adagrad {name} must be finite and >= 0, got {value}")
-        if not mx.array(hyper["momentum"], mx.float32).item() < 1:  # as the update holds it: 1 - 1e-9 is 1
-            raise ValueError(f"Adagrad momentum must be in [0, 1), got {momentum}")
+        for dtype in {mx.float32, state_dtype}:  # as the update holds it: 1 - 1e-9 is 1 in float32
+            if not mx.array(hyper["momentum"], dtype).item() < 1:
+                raise ValueError(f"Adagrad momentum must be in [0, 1) in {dtype}, got {momentum}")
         if hyper["momentum"] and (hyper["l1"] or hyper["l2"]):
             raise ValueError("Adagrad momentum has no proximal step: use l1 = l2 = 0 with it")
         eps, initial_accumulator_value, lr_decay = hyper["eps"], hyper["initial_accumulator_value"], hyper["lr_decay"]

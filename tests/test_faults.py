@@ -359,6 +359,8 @@ CORPUS = [  # (arguments after --data-dir, a fragment of the one line they must 
     ),
     (["--lr-decay", "0.1", "--optimizer", "sgd"], "is an option of --optimizer adagrad"),
     (["--momentum", "1"], "--momentum must be in [0, 1)"),
+    (["--momentum", "0.99999999"], "--momentum must be in [0, 1), got 0.99999999, 1 in float32"),
+    (["--dropout", "0.999999999"], "--dropout must be in [0, 1), got 0.999999999, 1 in float32"),
     (["--momentum", "0.9", "--optimizer", "sgd"], "--momentum is an option of --optimizer adagrad"),
     (["--momentum", "0.9", "--l1", "0.1"], "--momentum has no proximal or sparse step"),
     (["--task", "lm", "--momentum", "0.9", "--sparse-embeddings"], "--momentum has no proximal or sparse step"),

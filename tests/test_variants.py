@@ -150,6 +150,7 @@ def test_momentum_averages_the_adagrad_steps():
         ({"momentum": 1.0}, "momentum must be"),
         ({"momentum": -0.1}, "momentum must be"),
         ({"momentum": 1 - 1e-9}, "momentum must be"),  # 1 in float32: m would never move
+        ({"momentum": 0.999, "state_dtype": mx.bfloat16}, "momentum must be"),  # 1 in bfloat16
         ({"momentum": 0.9, "l1": 0.1}, "no proximal step"),
     ],
 )

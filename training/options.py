@@ -58,17 +58,19 @@ def number(kind, low=None, high=None, low_open=False, high_open=False):
             raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
         if kind is float and abs(value) > float(FLOAT32.max):
             raise argparse.ArgumentTypeError(f"must be finite in float32 (at most {FLOAT32.max:.3g}), got {text}")
-        too_low = low is not None and (value <= low if low_open else value < low)
-        too_high = high is not None and (value >= high if high_open else value > high)
+        if kind is float and 0 < abs(value) < float(FLOAT32.tiny):
+            smallest = f"{'' if low == 0 and low_open else '0 or '}at least {FLOAT32.tiny:.3g}"
+            raise argparse.ArgumentTypeError(f"is 0 or subnormal in float32, MLX's dtype: use {smallest}, got {text}")
+        held = float(np.float32(value)) if kind is float else value  # the range holds for what MLX computes with
+        too_low = low is not None and (held <= low if low_open else held < low)
+        too_high = high is not None and (held >= high if high_open else held > high)
         if too_low or too_high:
             if high is not None and (too_high or high < LARGEST):
                 bound = f"in {'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
             else:
                 bound = f"{'>' if low_open else '>='} {low}"
-            raise argparse.ArgumentTypeError(f"must be {bound}, got {text}")
-        if kind is float and 0 < abs(value) < float(FLOAT32.tiny):
-            smallest = f"{'' if low == 0 and low_open else '0 or '}at least {FLOAT32.tiny:.3g}"
-            raise argparse.ArgumentTypeError(f"is 0 or subnormal in float32, MLX's dtype: use {smallest}, got {text}")
+            rounded = f", {held:g} in float32" if held != value else ""
+            raise argparse.ArgumentTypeError(f"must be {bound}, got {text}{rounded}")
         return value
 
     parse.__name__ = kind.__name__  # argparse names the type in its messages
